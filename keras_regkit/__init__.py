@@ -1,0 +1,14 @@
+"""keras_regkit: regularization layers and training-schedule callbacks.
+
+Each part follows its paper exactly and plugs into an ordinary Keras 3
+workflow: layers go into `keras.Sequential` or functional models, callbacks go
+into `model.fit`, and trained models export with `model.export`.
+"""
+
+__version__ = "0.1.0"
+
+from keras_regkit import callbacks
+from keras_regkit import layers
+from keras_regkit import schedules
+
+__all__ = ["__version__", "callbacks", "layers", "schedules"]

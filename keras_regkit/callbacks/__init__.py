@@ -1,0 +1,3 @@
+"""Training callbacks for `model.fit`."""
+
+__all__ = []

@@ -1,0 +1,3 @@
+"""Learning-rate schedules (`keras.optimizers.schedules.LearningRateSchedule`)."""
+
+__all__ = []
