@@ -1,0 +1,199 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+from layer_checks import run_layer_checks
+
+from keras_regkit.layers import DropConnectConv2D
+from keras_regkit.layers import DropConnectDense
+from keras_regkit.layers import drop_connect
+
+
+def _np(x):
+    return ops.convert_to_numpy(x)
+
+
+@pytest.mark.parametrize("mask", ["batch", "sample"])
+@pytest.mark.parametrize("inference", ["mean", "gaussian"])
+def test_dense_harness(mask, inference):
+    run_layer_checks(
+        DropConnectDense,
+        dict(units=5, rate=0.4, mask=mask, inference=inference,
+             activation="relu", seed=7, gaussian_samples=16),
+        (4, 6),
+        expected_output_shape=(4, 5),
+    )
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("mask", ["batch", "sample"])
+def test_conv_harness(data_format, mask):
+    shape = (3, 7, 9, 2) if data_format == "channels_last" else (3, 2, 7, 9)
+    out = (3, 5, 7, 4) if data_format == "channels_last" else (3, 4, 5, 7)
+    run_layer_checks(
+        DropConnectConv2D,
+        dict(filters=4, kernel_size=3, rate=0.3, mask=mask, seed=3,
+             data_format=data_format, inference="gaussian",
+             activation="relu", gaussian_samples=8),
+        shape,
+        expected_output_shape=out,
+    )
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_dropped_fraction_within_binomial_bound(rate):
+    # With an identity input, the output's rows are the masked kernel rows.
+    units, inputs = 64, 64
+    layer = DropConnectDense(units, rate=rate, use_bias=False, seed=1,
+                             kernel_initializer="ones")
+    eye = np.eye(inputs, dtype="float32")
+    y = _np(layer(eye, training=True))
+    dropped = np.mean(y == 0)
+    n = units * inputs
+    bound = 5 * np.sqrt(rate * (1 - rate) / n)
+    assert abs(dropped - rate) < bound, (dropped, rate, bound)
+    kept = y[y != 0]
+    np.testing.assert_allclose(kept, 1 / (1 - rate), rtol=1e-6)
+
+
+def test_batch_mask_shared_and_sample_mask_per_example():
+    x = np.ones((6, 8), "float32")
+    batch = DropConnectDense(8, rate=0.5, seed=2, use_bias=False)
+    y = _np(batch(x, training=True))
+    assert np.all(y == y[0]), "mask='batch' must share one mask per step"
+    sample = DropConnectDense(8, rate=0.5, seed=2, use_bias=False,
+                              mask="sample")
+    y = _np(sample(x, training=True))
+    assert len({row.tobytes() for row in y}) > 1, "masks are not per example"
+
+
+@pytest.mark.parametrize("mask", ["batch", "sample"])
+def test_mean_of_training_outputs_matches_mean_inference(mask):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 10)).astype("float32")
+    layer = DropConnectDense(3, rate=0.5, mask=mask, seed=5)
+    layer.build(x.shape)
+    draws = 2000
+    samples = np.stack([_np(layer(x, training=True)) for _ in range(draws)])
+    inference = _np(layer(x))
+    # Var of one output: (1 - p) / p * (sum_j w_j^2 x_j^2 + b^2), p = 1/2.
+    w, b = _np(layer.kernel), _np(layer.bias)
+    std = np.sqrt((x**2) @ (w**2) + b**2)
+    bound = 5 * std / np.sqrt(draws) + 1e-6
+    err = np.abs(samples.mean(axis=0) - inference)
+    assert np.all(err < bound), (err.max(), bound.min())
+
+
+def test_gaussian_inference_matches_monte_carlo_for_relu():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 200)).astype("float32")
+    layer = DropConnectDense(4, rate=0.5, activation="relu",
+                             inference="gaussian", gaussian_samples=4000,
+                             seed=3)
+    layer.build(x.shape)
+    gaussian = _np(layer(x))
+    draws = 3000
+    passes = np.stack([_np(layer(x, training=True)) for _ in range(draws)])
+    mc = passes.mean(axis=0)
+    # Both sides are averages of random draws (standard errors below); the
+    # Gaussian model of the pre-activation is a CLT approximation over 200
+    # inputs, allowed 2% of the output scale.
+    mc_se = passes.std(axis=0) / np.sqrt(draws)
+    gaussian_se = passes.std(axis=0) / np.sqrt(4000)
+    bound = 4 * np.sqrt(mc_se**2 + gaussian_se**2) + 0.02 * np.abs(mc).mean()
+    assert np.all(np.abs(gaussian - mc) < bound), (
+        np.abs(gaussian - mc).max(), bound.min()
+    )
+    # And it is not the "mean" inference, which ignores the variance.
+    mean_inference = np.maximum(x @ _np(layer.kernel) + _np(layer.bias), 0)
+    assert np.abs(mean_inference - mc).mean() > np.abs(gaussian - mc).mean()
+
+
+def test_gaussian_inference_deterministic_per_seed():
+    x = np.random.default_rng(2).normal(size=(3, 5)).astype("float32")
+    layer = DropConnectDense(4, activation="tanh", inference="gaussian",
+                             seed=11)
+    np.testing.assert_array_equal(_np(layer(x)), _np(layer(x)))
+
+
+def test_rate_zero_equals_plain_dense_and_conv():
+    x = np.random.default_rng(3).normal(size=(2, 6)).astype("float32")
+    ours = DropConnectDense(3, rate=0.0, activation="relu", seed=0)
+    plain = keras.layers.Dense(3, activation="relu")
+    ours.build(x.shape)
+    plain.build(x.shape)
+    plain.set_weights(ours.get_weights()[:2])
+    np.testing.assert_array_equal(_np(ours(x, training=True)), _np(plain(x)))
+
+    img = np.random.default_rng(4).normal(size=(2, 7, 5, 3)).astype("float32")
+    ours = DropConnectConv2D(4, (3, 2), rate=0.0, seed=0)
+    plain = keras.layers.Conv2D(4, (3, 2))
+    ours.build(img.shape)
+    plain.build(img.shape)
+    plain.set_weights(ours.get_weights()[:2])
+    np.testing.assert_allclose(_np(ours(img, training=True)), _np(plain(img)),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_per_sample_conv_matches_a_loop_of_convolutions(data_format):
+    rng = np.random.default_rng(5)
+    layer = DropConnectConv2D(3, (3, 2), strides=(2, 1), padding="same",
+                              data_format=data_format, mask="sample")
+    shape = (3, 7, 6, 2) if data_format == "channels_last" else (3, 2, 7, 6)
+    x = rng.normal(size=shape).astype("float32")
+    layer.build(shape)
+    kernels = rng.normal(size=(3,) + tuple(layer.kernel.shape))
+    kernels = kernels.astype("float32")
+    ours = _np(layer._per_sample_linear(x, kernels))
+    for b in range(3):
+        ref = _np(ops.conv(x[b:b + 1], kernels[b], strides=(2, 1),
+                           padding="same", data_format=data_format))
+        np.testing.assert_allclose(ours[b:b + 1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_seed_reproduces_masks():
+    x = np.ones((2, 5), "float32")
+    a = DropConnectDense(4, seed=9, kernel_initializer="ones")
+    b = DropConnectDense(4, seed=9, kernel_initializer="ones")
+    np.testing.assert_array_equal(_np(a(x, training=True)),
+                                  _np(b(x, training=True)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rate=1.0), r"argument `rate`.*\[0, 1\).*rate=1\.0"),
+        (dict(rate=-0.1), r"argument `rate`.*rate=-0\.1"),
+        (dict(rate="x"), r"argument `rate`.*rate='x'"),
+        (dict(mask="row"), r"argument `mask`.*'batch', 'sample'.*mask='row'"),
+        (dict(inference="mc"),
+         r"argument `inference`.*'mean', 'gaussian'.*inference='mc'"),
+        (dict(gaussian_samples=0),
+         r"argument `gaussian_samples`.*int >= 1.*gaussian_samples=0"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DropConnectDense(3, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        DropConnectConv2D(3, 2, **kwargs)
+
+
+def test_kernel_larger_than_input_is_refused():
+    layer = DropConnectConv2D(2, (5, 3))
+    with pytest.raises(
+        ValueError,
+        match=r"argument `kernel_size`.*spatial size \(4, 9\).*"
+        r"kernel_size=\(5, 3\)",
+    ):
+        layer.build((1, 4, 9, 2))
+
+
+def test_sample_mask_over_the_limit_is_refused(monkeypatch):
+    monkeypatch.setattr(drop_connect, "MAX_SAMPLE_MASK_ELEMENTS", 1000)
+    layer = DropConnectDense(10, mask="sample")
+    with pytest.raises(ValueError, match=r"argument `mask`.*32 x 60 = 1920"):
+        layer.build((32, 6))
+    with pytest.raises(ValueError, match=r"argument `groups`.*groups=2"):
+        DropConnectConv2D(4, 3, groups=2, mask="sample")
