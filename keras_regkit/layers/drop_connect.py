@@ -196,7 +196,7 @@ class DropConnectDense(_DropConnectMixin, keras.layers.Dense):
     >>> import numpy as np
     >>> layer = DropConnectDense(4, rate=0.5, seed=1)
     >>> x = np.ones((2, 3), "float32")
-    >>> layer(x, training=True).shape
+    >>> tuple(layer(x, training=True).shape)
     (2, 4)
     >>> bool(np.allclose(layer(x), x @ layer.kernel + layer.bias))
     True
@@ -276,7 +276,7 @@ class DropConnectConv2D(_DropConnectMixin, keras.layers.Conv2D):
 
     >>> import numpy as np
     >>> layer = DropConnectConv2D(2, 3, rate=0.3, seed=1)
-    >>> layer(np.ones((1, 5, 6, 3), "float32"), training=True).shape
+    >>> tuple(layer(np.ones((1, 5, 6, 3), "float32"), training=True).shape)
     (1, 3, 4, 2)
 
     Reference:

@@ -1,0 +1,50 @@
+"""Timing helpers shared by the benchmarks: interleaved medians, tables."""
+
+import gc
+import statistics
+import time
+
+
+def interleaved_medians(candidates, repeats=7, warmup=2):
+    """Median wall time of each zero-argument callable, timed in rotation.
+
+    Every round calls each candidate once, in turn, so slow drifts of the
+    machine (other processes, frequency changes) hit all of them alike; the
+    ratio of medians is then a fair same-run comparison.
+
+    Args:
+        candidates: dict of name -> callable.
+        repeats: int. Timed rounds.
+        warmup: int. Untimed rounds first (tracing, XLA compilation).
+
+    Returns:
+        dict of name -> median seconds.
+    """
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    times = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def markdown_table(rows):
+    """Formats benchmark rows (dicts with the same keys) as a markdown table."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = [
+        "| " + " | ".join(keys) + " |",
+        "| " + " | ".join("---" for _ in keys) + " |",
+    ]
+    for row in rows:
+        cells = [
+            f"{row[k]:.2f}x" if k == "ratio" else str(row[k]) for k in keys
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
