@@ -63,17 +63,21 @@ def test_survival_frequency_and_skipped_execution():
     layer = StochasticDepth(CountingDense(2), survival_probability=p, seed=4)
     x = np.ones((2, 2), "float32")
     layer.build(x.shape)
+    # Eager TensorFlow runs only the taken branch of `cond`, so the count
+    # of block executions shows the skip (JAX traces both branches).
+    counts = keras.backend.backend() == "tensorflow"
     survived = 0
     for _ in range(steps):
         before = CountingDense.calls
         y = _np(layer(x, training=True))
         ran = CountingDense.calls - before
         if np.array_equal(y, x):
-            assert ran == 0, "a closed gate still computed the block"
+            assert ran == 0 or not counts, "a closed gate computed the block"
         else:
-            assert ran == 1
+            assert ran == 1 or not counts
             survived += 1
-    assert CountingDense.calls == survived
+    if counts:
+        assert CountingDense.calls == survived
     bound = 4 * np.sqrt(p * (1 - p) / steps)
     assert abs(survived / steps - p) < bound, (survived / steps, bound)
 

@@ -61,6 +61,13 @@ class StochasticDepth(keras.layers.Layer):
     the paper's `x + survival_probability * f(x)`, the expected value of the
     training output.
 
+    On the JAX backend, a branch that holds state updated in training (batch
+    normalization, dropout's seed) is computed and multiplied by the gate,
+    since JAX's `cond` cannot return Keras state updates from a branch: the
+    output is the same, the saving in time is not, and the branch's
+    batch-norm statistics also move on steps whose gate is closed. Stateless
+    branches are skipped on every backend.
+
     The wrapper works inside `keras.Sequential`: put the blocks in a list, a
     `StochasticDepth` each. For a per-example gate (the form used by modern
     architectures, with inverted scaling), use `keras_regkit.layers.DropPath`
@@ -145,6 +152,14 @@ class StochasticDepth(keras.layers.Layer):
             keras.random.uniform((), seed=self.seed_generator)
             < self.survival_probability
         )
+        if keras.backend.backend() == "jax" and any(
+            layer.non_trainable_variables for layer in self.block
+        ):
+            # JAX's cond can't carry Keras state updates (batch-norm
+            # statistics, seed generators) out of a branch: compute the
+            # branch and gate it instead.
+            branch = self._branch(inputs, training)
+            return inputs + ops.cast(gate, branch.dtype) * branch
         return ops.cond(
             gate,
             lambda: inputs + self._branch(inputs, training),
