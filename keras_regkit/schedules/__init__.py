@@ -1,3 +1,9 @@
 """Learning-rate schedules (`keras.optimizers.schedules.LearningRateSchedule`)."""
 
-__all__ = []
+from keras_regkit.schedules.cyclical_learning_rate import CyclicalLearningRate
+from keras_regkit.schedules.one_cycle_learning_rate import OneCycleLearningRate
+
+__all__ = [
+    "CyclicalLearningRate",
+    "OneCycleLearningRate",
+]

@@ -1,0 +1,431 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+from lr_policy_checks import BatchRecorder
+from lr_policy_checks import InterruptAt
+from lr_policy_checks import in_step_only
+from lr_policy_checks import one_cycle_reference
+from lr_policy_checks import probe_data
+from lr_policy_checks import probe_model
+
+from keras_regkit.callbacks import OneCycle
+
+
+def _regression_data(samples=80, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, 5)).astype("float32")
+    y = (x @ rng.normal(size=(5, 1))).astype("float32")
+    return x, y
+
+
+def _mlp(optimizer):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer, loss="mse")
+    return model
+
+
+@in_step_only
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"pct_start": 0.3, "anneal_strategy": "cos", "three_phase": False},
+        {
+            "pct_start": 0.25,
+            "anneal_strategy": "cos",
+            "div_factor": 10.0,
+            "final_div_factor": 100.0,
+        },
+    ],
+)
+def test_fit_trace_is_the_closed_form(kwargs):
+    # total_steps from fit: 4 epochs of 9 batches.
+    model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
+    recorder = BatchRecorder(keys=("learning_rate", "momentum"))
+    x, y = probe_data(9)
+    model.fit(
+        x,
+        y,
+        batch_size=1,
+        epochs=4,
+        verbose=0,
+        shuffle=False,
+        callbacks=[OneCycle(0.2, **kwargs), recorder],
+    )
+    rates, momenta = one_cycle_reference(np.arange(36), 0.2, 36, **kwargs)
+    np.testing.assert_allclose(
+        recorder.logs["learning_rate"], rates, rtol=1e-12
+    )
+    np.testing.assert_allclose(recorder.logs["momentum"], momenta, rtol=1e-12)
+    # What SGD applied (gradient 1): v = m * v - lr, w = w + v, float32.
+    velocity, weight, expected = 0.0, 0.0, []
+    for lr, m in zip(rates, momenta):
+        velocity = m * velocity - lr
+        weight += velocity
+        expected.append(weight)
+    np.testing.assert_allclose(recorder.probe_weights(), expected, rtol=1e-4)
+
+
+def test_learning_rate_only():
+    model = probe_model(keras.optimizers.SGD(0.5))
+    recorder = BatchRecorder()
+    x, y = probe_data(10)
+    model.fit(
+        x,
+        y,
+        batch_size=1,
+        epochs=2,
+        verbose=0,
+        shuffle=False,
+        callbacks=[
+            OneCycle(0.1, base_momentum=None, max_momentum=None),
+            recorder,
+        ],
+    )
+    rates, _ = one_cycle_reference(np.arange(20), 0.1, 20)
+    applied = -np.diff(np.concatenate([[0.0], recorder.probe_weights()]))
+    # Weight differences of float32 weights near 1: ~1e-7 absolute.
+    np.testing.assert_allclose(applied, rates, rtol=1e-4, atol=5e-7)
+    assert model.optimizer.momentum == 0.0
+
+
+@in_step_only
+def test_beta_1_for_adam_and_steps_per_execution():
+    model = _mlp(keras.optimizers.Adam(0.01))
+    model.compile(model.optimizer, loss="mse", steps_per_execution=4)
+    recorder = BatchRecorder(keys=("learning_rate", "beta_1"))
+    x, y = _regression_data(64)
+    model.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=2,
+        verbose=0,
+        callbacks=[OneCycle(0.05), recorder],
+    )
+    rates, momenta = one_cycle_reference(np.arange(32), 0.05, 32)
+    assert recorder.iterations == list(range(4, 36, 4))
+    np.testing.assert_allclose(
+        recorder.logs["learning_rate"], rates[3::4], rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        recorder.logs["beta_1"], momenta[3::4], rtol=1e-12
+    )
+    assert model.optimizer.beta_1 == pytest.approx(momenta[-1])
+
+
+def _resumable_run(tmp_path, interrupt):
+    backup = os.path.join(tmp_path, "backup")
+    x, y = _regression_data()
+
+    def fresh():
+        return _mlp(keras.optimizers.SGD(0.01, momentum=0.9))
+
+    def callbacks():
+        # BackupAndRestore first: it restores before OneCycle starts.
+        return [
+            keras.callbacks.BackupAndRestore(backup),
+            OneCycle(0.05),
+            BatchRecorder(keys=("learning_rate", "momentum")),
+        ]
+
+    first = callbacks()
+    model = fresh()
+    if not interrupt:
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=5,
+            verbose=0,
+            shuffle=False,
+            callbacks=first,
+        )
+        return first[2].logs, model.get_weights()
+    with pytest.raises(RuntimeError, match="interrupted for the test"):
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=5,
+            verbose=0,
+            shuffle=False,
+            callbacks=[*first, InterruptAt(epoch=3, batch=4)],
+        )
+    model = fresh()
+    second = callbacks()
+    model.fit(
+        x, y, batch_size=8, epochs=5, verbose=0, shuffle=False, callbacks=second
+    )
+    kept = 3 * 10
+    trace = {
+        key: first[2].logs[key][:kept] + second[2].logs[key]
+        for key in ("learning_rate", "momentum")
+    }
+    return trace, model.get_weights()
+
+
+@in_step_only
+def test_backup_and_restore_resumes_the_cycle(tmp_path):
+    straight, weights = _resumable_run(tmp_path / "a", interrupt=False)
+    resumed, resumed_weights = _resumable_run(tmp_path / "b", interrupt=True)
+    assert resumed == straight
+    rates, momenta = one_cycle_reference(np.arange(50), 0.05, 50)
+    np.testing.assert_allclose(straight["learning_rate"], rates, rtol=1e-12)
+    np.testing.assert_allclose(straight["momentum"], momenta, rtol=1e-12)
+    for a, b in zip(weights, resumed_weights):
+        np.testing.assert_array_equal(a, b)
+
+
+@in_step_only
+def test_consecutive_fits_with_total_steps_continue():
+    model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
+    x, y = probe_data(6)
+    callback = OneCycle(0.1, total_steps=30)
+    recorders = [BatchRecorder(), BatchRecorder()]
+    model.fit(
+        x,
+        y,
+        batch_size=1,
+        epochs=2,
+        verbose=0,
+        shuffle=False,
+        callbacks=[callback, recorders[0]],
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=1,
+        epochs=3,
+        verbose=0,
+        shuffle=False,
+        callbacks=[callback, recorders[1]],
+    )
+    rates, _ = one_cycle_reference(np.arange(30), 0.1, 30)
+    np.testing.assert_allclose(
+        recorders[0].logs["learning_rate"] + recorders[1].logs["learning_rate"],
+        rates,
+        rtol=1e-12,
+    )
+
+
+@in_step_only
+def test_initial_epoch_resumes_a_cycle_sized_by_epochs():
+    model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
+    x, y = probe_data(5)
+    first, second = BatchRecorder(), BatchRecorder()
+    model.fit(
+        x,
+        y,
+        batch_size=1,
+        epochs=2,
+        verbose=0,
+        shuffle=False,
+        callbacks=[OneCycle(0.1, total_steps=20), first],
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=1,
+        epochs=4,
+        initial_epoch=2,
+        verbose=0,
+        shuffle=False,
+        callbacks=[OneCycle(0.1), second],
+    )
+    rates, _ = one_cycle_reference(np.arange(20), 0.1, 20)
+    np.testing.assert_allclose(
+        first.logs["learning_rate"] + second.logs["learning_rate"],
+        rates,
+        rtol=1e-12,
+    )
+
+
+@in_step_only
+def test_warns_when_the_cycle_is_over():
+    model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
+    x, y = probe_data(4)
+    model.fit(
+        x, y, batch_size=1, epochs=2, verbose=0, callbacks=[OneCycle(0.1)]
+    )
+    recorder = BatchRecorder()
+    with pytest.warns(
+        UserWarning,
+        match=r"OneCycle: the optimizer has already taken 8 iterations, at "
+        r"least total_steps=8, so the learning rate stays at its final "
+        r"value. To run a new cycle, compile the model with a new optimizer.",
+    ):
+        model.fit(
+            x,
+            y,
+            batch_size=1,
+            epochs=2,
+            verbose=0,
+            callbacks=[OneCycle(0.1), recorder],
+        )
+    np.testing.assert_allclose(
+        recorder.logs["learning_rate"], np.full(8, 0.1 / 25 / 1e4), rtol=1e-12
+    )
+
+
+@in_step_only
+def test_unknown_steps_per_epoch_needs_total_steps():
+    def batches():
+        while True:
+            yield np.ones((2, 1), "float32"), np.zeros((2, 1), "float32")
+
+    model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid value received for argument `total_steps`. Expected "
+        r"an int when `fit` cannot tell its steps per epoch \(pass "
+        r"`steps_per_epoch` to `fit`, or `total_steps` here\). "
+        r"Received: total_steps=None",
+    ):
+        model.fit(
+            batches(),
+            epochs=1,
+            verbose=0,
+            shuffle=False,
+            callbacks=[OneCycle(0.1)],
+        )
+    recorder = BatchRecorder()
+    model.fit(
+        batches(),
+        epochs=1,
+        steps_per_epoch=12,
+        verbose=0,
+        shuffle=False,
+        callbacks=[OneCycle(0.1, total_steps=12), recorder],
+    )
+    rates, _ = one_cycle_reference(np.arange(12), 0.1, 12)
+    np.testing.assert_allclose(
+        recorder.logs["learning_rate"], rates, rtol=1e-12
+    )
+
+
+def test_config_round_trip():
+    callback = OneCycle(
+        0.3, 100, 0.25, 10.0, 100.0, "cos", False, 0.8, 0.9, verbose=1
+    )
+    config = callback.get_config()
+    assert config == {
+        "max_lr": 0.3,
+        "total_steps": 100,
+        "pct_start": 0.25,
+        "div_factor": 10.0,
+        "final_div_factor": 100.0,
+        "anneal_strategy": "cos",
+        "three_phase": False,
+        "base_momentum": 0.8,
+        "max_momentum": 0.9,
+        "verbose": 1,
+    }
+    assert OneCycle.from_config(config).get_config() == config
+
+
+BAD_ARGUMENTS = [
+    (
+        {"max_lr": -0.1},
+        (
+            r"Invalid value received for argument `max_lr`. Expected a float "
+            r"in \(0.0, inf\). Received: max_lr=-0.1"
+        ),
+    ),
+    (
+        {"total_steps": 2},
+        (
+            r"argument `total_steps`. Expected an int > 1 / pct_start = "
+            r"2.22222, so that the warm-up lasts at least one step. "
+            r"Received: total_steps=2"
+        ),
+    ),
+    (
+        {"pct_start": 0.0},
+        (
+            r"argument `pct_start`. Expected a float in \(0.0, 1.0\). "
+            r"Received: pct_start=0.0"
+        ),
+    ),
+    (
+        {"pct_start": 0.7},
+        (
+            r"argument `pct_start`. Expected a float in \(0, 0.5\] when "
+            r"three_phase=True \(the warm-up and the way back down each take "
+            r"pct_start of the steps\). Received: pct_start=0.7"
+        ),
+    ),
+    (
+        {"div_factor": 0.9},
+        (
+            r"argument `div_factor`. Expected a float in \[1.0, inf\). "
+            r"Received: div_factor=0.9"
+        ),
+    ),
+    (
+        {"final_div_factor": 0},
+        (
+            r"argument `final_div_factor`. Expected a float in \[1.0, inf\). "
+            r"Received: final_div_factor=0"
+        ),
+    ),
+    (
+        {"anneal_strategy": "exp"},
+        (
+            r"argument `anneal_strategy`. Expected one of 'linear', 'cos'. "
+            r"Received: anneal_strategy='exp'"
+        ),
+    ),
+    (
+        {"three_phase": "yes"},
+        (
+            r"argument `three_phase`. Expected a bool. "
+            r"Received: three_phase='yes'"
+        ),
+    ),
+    (
+        {"base_momentum": 0.97},
+        (
+            r"argument `max_momentum`. Expected a float >= "
+            r"base_momentum=0.97. Received: max_momentum=0.95"
+        ),
+    ),
+    (
+        {"base_momentum": None},
+        (
+            r"argument `base_momentum`. Expected a float in \[0, 1\] when "
+            r"`max_momentum` is given.*Received: base_momentum=None"
+        ),
+    ),
+]
+
+
+def test_bad_arguments():
+    for kwargs, message in BAD_ARGUMENTS:
+        arguments = {"max_lr": 0.1}
+        arguments.update(kwargs)
+        with pytest.raises(ValueError, match=message):
+            OneCycle(**arguments)
+
+
+@in_step_only
+def test_optimizer_without_momentum_is_refused():
+    model = _mlp(keras.optimizers.Adagrad(0.01))
+    x, y = _regression_data(16)
+    with pytest.raises(
+        ValueError,
+        match=r"OneCycle cycles the momentum, but the optimizer Adagrad has "
+        r"neither `momentum` nor `beta_1`",
+    ):
+        model.fit(
+            x, y, batch_size=2, epochs=1, verbose=0, callbacks=[OneCycle(0.1)]
+        )
