@@ -24,27 +24,18 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
+from _common import export_and_check  # noqa: E402
+from _common import export_dir  # noqa: E402
+from _common import load_mnist1d  # noqa: E402
 
-from keras_regkit._utils import atomic_path  # noqa: E402
 from keras_regkit.callbacks import CyclicLR  # noqa: E402
 from keras_regkit.callbacks import OneCycle  # noqa: E402
 from keras_regkit.callbacks import lr_range_test  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-EXPORT_DIR = os.path.join(HERE, os.pardir, "saved_models", "cyclic_lr")
-PLOT_PATH = os.path.join(HERE, "cyclic_lr_range_test.png")
+PLOT_PATH = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "cyclic_lr_range_test.png"
+)
 BATCH_SIZE = 64
-
-
-def load_data():
-    from mnist1d.data import get_dataset_args
-    from mnist1d.data import make_dataset
-
-    data = make_dataset(get_dataset_args())
-    x = data["x"].astype("float32")[..., None]
-    x_test = data["x_test"].astype("float32")[..., None]
-    return x, data["y"].astype("int32"), x_test, data["y_test"].astype("int32")
 
 
 def build_model():
@@ -75,17 +66,6 @@ def compiled(initial_weights, learning_rate=0.01):
     return model
 
 
-def check_saved_model(model, x, export_dir):
-    import tensorflow as tf
-
-    with atomic_path(export_dir) as temporary:
-        model.export(temporary, verbose=False)
-    reloaded = tf.saved_model.load(export_dir)
-    served = reloaded.serve(x).numpy()
-    expected = model.predict(x, verbose=0)
-    return float(np.max(np.abs(served - expected)))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=24)
@@ -95,11 +75,11 @@ def main(argv=None):
         default=PLOT_PATH,
         help="where to write the range-test plot (PNG)",
     )
-    parser.add_argument("--export-dir", default=EXPORT_DIR)
+    parser.add_argument("--export-dir", default=export_dir("cyclic_lr"))
     args = parser.parse_args(argv)
 
     keras.utils.set_random_seed(args.seed)
-    x, y, x_test, y_test = load_data()
+    x, y, x_test, y_test = load_mnist1d(channels=True)
     initial_weights = build_model().get_weights()
 
     model = compiled(initial_weights)
@@ -170,18 +150,14 @@ def main(argv=None):
     for name, (loss, accuracy) in results.items():
         print(f"| {name} | {loss:.4f} | {accuracy:.4f} |")
 
-    export_dir = os.path.normpath(args.export_dir)
-    difference = check_saved_model(
-        trained["CyclicLR triangular2"], x_test, export_dir
+    print()
+    # A path, even a bare folder name, so it is not taken as a name.
+    served_ok = export_and_check(
+        trained["CyclicLR triangular2"],
+        x_test,
+        os.path.abspath(args.export_dir),
     )
-    print(
-        f"\nexported to {export_dir}; max |served - predict| = {difference:.2e}"
-    )
-    if difference > 1e-5:
-        print("FAILED: the SavedModel serves different outputs")
-        return 1
-    print("OK: the SavedModel serves the same outputs as model.predict")
-    return 0
+    return 0 if served_ok else 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ of the population variance (m = batch size for a `Dense` input).
 
 For each batch size it prints the test accuracy and log-loss of both, and
 the ratio of the first layer's mean moving variance to the variance of that
-layer's inputs over the training set. It exports the debiased model (last
+layer's inputs over the training set, per seed and as the mean and standard
+deviation over the seeds. It exports the debiased model (last
 seed, batch size 2) to `saved_models/debiased_batch_normalization`, reloads
 it with `tf.saved_model.load` and exits non-zero unless serving equals
 `predict`.
@@ -27,13 +28,16 @@ import os
 import sys
 import time
 
-import keras
-import numpy as np
-from mnist1d.data import get_dataset_args
-from mnist1d.data import make_dataset
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_regkit._utils import atomic_path
-from keras_regkit.layers import DebiasedBatchNormalization
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from _common import accuracy_and_log_loss  # noqa: E402
+from _common import export_and_check  # noqa: E402
+from _common import load_mnist1d  # noqa: E402
+from _common import print_seed_table  # noqa: E402
+
+from keras_regkit.layers import DebiasedBatchNormalization  # noqa: E402
 
 SEEDS = (0, 1, 2)
 BATCH_SIZES = (2, 4, 8)
@@ -42,22 +46,6 @@ LAYERS = {
     "Keras BatchNormalization": keras.layers.BatchNormalization,
     "DebiasedBatchNormalization": DebiasedBatchNormalization,
 }
-EXPORT_PATH = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)),
-    os.pardir,
-    "saved_models",
-    "debiased_batch_normalization",
-)
-
-
-def load_data():
-    data = make_dataset(get_dataset_args())
-    return (
-        data["x"].astype("float32"),
-        data["y"].astype("int32"),
-        data["x_test"].astype("float32"),
-        data["y_test"].astype("int32"),
-    )
 
 
 def build_model(normalization):
@@ -74,9 +62,7 @@ def build_model(normalization):
 
 def evaluate(model, x, x_test, y_test):
     probabilities = model.predict(x_test, verbose=0)
-    accuracy = float(np.mean(np.argmax(probabilities, -1) == y_test))
-    picked = probabilities[np.arange(len(y_test)), y_test]
-    log_loss = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
+    accuracy, log_loss = accuracy_and_log_loss(probabilities, y_test)
     first_bn = model.layers[1]
     inputs = keras.Model(model.inputs, first_bn.input).predict(x, verbose=0)
     ratio = float(
@@ -106,42 +92,21 @@ def run(seed, batch_size, data):
 
 
 def print_table(results):
-    header = ["MNIST-1D test set (1000)"] + [f"seed {s}" for s in SEEDS]
-    print("| " + " | ".join(header + ["mean"]) + " |")
-    print("|" + "|".join(["---"] + ["---:"] * (len(SEEDS) + 1)) + "|")
     metrics = ("accuracy", "log-loss", "moving var / input var, layer 1")
-    for index, metric in enumerate(metrics):
-        for batch_size in BATCH_SIZES:
-            for name in LAYERS:
-                values = [results[s, batch_size][name][index] for s in SEEDS]
-                cells = [f"{v:.3f}" for v in values]
-                cells.append(f"{np.mean(values):.3f}")
-                print(
-                    f"| {metric}, batch {batch_size}, {name} | "
-                    + " | ".join(cells)
-                    + " |"
-                )
-
-
-def export_and_check(model, x_test):
-    import tensorflow as tf
-
-    with atomic_path(EXPORT_PATH) as tmp:
-        model.export(tmp, verbose=False)
-    reloaded = tf.saved_model.load(EXPORT_PATH)
-    served = reloaded.serve(tf.constant(x_test)).numpy()
-    predicted = model.predict(x_test, verbose=0)
-    error = float(np.max(np.abs(served - predicted)))
-    print(
-        f"\nExported the debiased model (batch size {BATCH_SIZES[0]}) to "
-        f"{os.path.relpath(EXPORT_PATH)}; max |serve - predict| = {error:.2e}"
-    )
-    return error <= 1e-5
+    rows = {
+        f"{metric}, batch {batch_size}, {name}": [
+            results[s, batch_size][name][index] for s in SEEDS
+        ]
+        for index, metric in enumerate(metrics)
+        for batch_size in BATCH_SIZES
+        for name in LAYERS
+    }
+    print_seed_table("MNIST-1D test set (1000)", rows, SEEDS, digits=3)
 
 
 def main():
     start = time.time()
-    data = load_data()
+    data = load_mnist1d()
     results, exported = {}, None
     for seed in SEEDS:
         for batch_size in BATCH_SIZES:
@@ -155,7 +120,11 @@ def main():
         "0.99; same seeds and initial weights for both layers.\n"
     )
     print_table(results)
-    if not export_and_check(exported, data[2]):
+    print(
+        f"\nThe debiased model (last seed, batch size {BATCH_SIZES[0]}), "
+        "exported:"
+    )
+    if not export_and_check(exported, data[2], "debiased_batch_normalization"):
         sys.exit(1)
 
 

@@ -7,8 +7,8 @@ training step, as in Graham's paper) on the 8x8 digits of
 test accuracy and log-loss of one deterministic pass (`model.predict`) and of
 the paper's test-time averaging over 12 poolings
 (`keras_regkit.layers.FractionalPoolingAverage`, one batched graph), then the
-mean over the seeds; it exits non-zero unless averaging is at least as
-accurate as the single pass on average.
+mean and standard deviation over the seeds; it exits non-zero unless
+averaging is at least as accurate as the single pass on average.
 
 It exports the averaged model of the last seed to
 `saved_models/fractional_max_pooling`, reloads it with `tf.saved_model.load`
@@ -23,32 +23,22 @@ import os
 import sys
 import time
 
-import keras
-import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_regkit._utils import atomic_path
-from keras_regkit.layers import FractionalMaxPooling2D
-from keras_regkit.layers import FractionalPoolingAverage
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from _common import accuracy_and_log_loss  # noqa: E402
+from _common import export_and_check  # noqa: E402
+from _common import load_digits_images  # noqa: E402
+from _common import print_seed_table  # noqa: E402
+
+from keras_regkit.layers import FractionalMaxPooling2D  # noqa: E402
+from keras_regkit.layers import FractionalPoolingAverage  # noqa: E402
 
 SEEDS = (0, 1, 2)
 EPOCHS = 30
 BATCH_SIZE = 32
 PASSES = 12
-EXPORT_PATH = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)),
-    os.pardir,
-    "saved_models",
-    "fractional_max_pooling",
-)
-
-
-def load_data():
-    digits = load_digits()
-    x = (digits.images / 16.0).astype("float32")[..., None]
-    y = digits.target.astype("int32")
-    return train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
 
 
 def build_model(seed):
@@ -69,13 +59,6 @@ def build_model(seed):
     return keras.Sequential(layers)
 
 
-def scores(probabilities, y):
-    accuracy = float(np.mean(np.argmax(probabilities, -1) == y))
-    picked = probabilities[np.arange(len(y)), y]
-    log_loss = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
-    return accuracy, log_loss
-
-
 def run(seed, data):
     x, x_test, y, y_test = data
     keras.utils.set_random_seed(seed)
@@ -85,43 +68,24 @@ def run(seed, data):
     )
     model.fit(x, y, batch_size=BATCH_SIZE, epochs=EPOCHS, verbose=0)
     averaged = FractionalPoolingAverage(model, num_passes=PASSES)
-    single = scores(model.predict(x_test, verbose=0), y_test)
-    multi = scores(averaged.predict(x_test, verbose=0), y_test)
+    single = accuracy_and_log_loss(model.predict(x_test, verbose=0), y_test)
+    multi = accuracy_and_log_loss(averaged.predict(x_test, verbose=0), y_test)
     rows = {"1 deterministic pass": single, f"{PASSES} passes averaged": multi}
     return rows, averaged
 
 
 def print_table(results):
-    rows = list(results[SEEDS[0]])
-    header = ["digits test set (450)"] + [f"seed {s}" for s in SEEDS] + ["mean"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join(["---"] + ["---:"] * (len(SEEDS) + 1)) + "|")
-    for metric, index in (("accuracy", 0), ("log-loss", 1)):
-        for row in rows:
-            values = [results[s][row][index] for s in SEEDS]
-            cells = [f"{v:.4f}" for v in values] + [f"{np.mean(values):.4f}"]
-            print(f"| {metric}, {row} | " + " | ".join(cells) + " |")
-
-
-def export_and_check(model, x_test):
-    import tensorflow as tf
-
-    with atomic_path(EXPORT_PATH) as tmp:
-        model.export(tmp, verbose=False)
-    reloaded = tf.saved_model.load(EXPORT_PATH)
-    served = reloaded.serve(tf.constant(x_test)).numpy()
-    predicted = model.predict(x_test, verbose=0)
-    error = float(np.max(np.abs(served - predicted)))
-    print(
-        f"\nExported the {PASSES}-pass averaged model (one graph) to "
-        f"{os.path.relpath(EXPORT_PATH)}; max |serve - predict| = {error:.2e}"
-    )
-    return error <= 1e-5
+    rows = {
+        f"{metric}, {row}": [results[s][row][index] for s in SEEDS]
+        for metric, index in (("accuracy", 0), ("log-loss", 1))
+        for row in results[SEEDS[0]]
+    }
+    print_seed_table("digits test set (450)", rows, SEEDS, digits=4)
 
 
 def main():
     start = time.time()
-    data = load_data()
+    data = load_digits_images(seed=0, test_size=0.25)
     results = {}
     for seed in SEEDS:
         results[seed], averaged = run(seed, data)
@@ -142,7 +106,11 @@ def main():
         f"\nMean accuracy, {PASSES} passes averaged vs 1 pass: "
         f"{multi - single:+.4f} ({verdict})"
     )
-    served_ok = export_and_check(averaged, data[1])
+    print(
+        f"\nThe {PASSES}-pass averaged model of the last seed, exported as one "
+        "graph:"
+    )
+    served_ok = export_and_check(averaged, data[1], "fractional_max_pooling")
     if not (holds and served_ok):
         sys.exit(1)
 
