@@ -10,5 +10,14 @@ __version__ = "0.1.0"
 from keras_regkit import callbacks
 from keras_regkit import layers
 from keras_regkit import schedules
+from keras_regkit.callbacks.batch_norm_statistics import (
+    recompute_batchnorm_statistics,
+)
 
-__all__ = ["__version__", "callbacks", "layers", "schedules"]
+__all__ = [
+    "__version__",
+    "callbacks",
+    "layers",
+    "recompute_batchnorm_statistics",
+    "schedules",
+]
