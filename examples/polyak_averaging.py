@@ -31,10 +31,13 @@ import os
 import sys
 import time
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import keras
 import numpy as np
-from mnist1d.data import get_dataset_args
-from mnist1d.data import make_dataset
+from _common import export_and_check
+from _common import load_mnist1d
+from _common import mean_and_spread
 
 from keras_regkit.callbacks import CyclicLR
 from keras_regkit.callbacks import PolyakAveraging
@@ -48,22 +51,6 @@ CYCLE_EPOCHS = 4
 BASE_LR = 0.01
 MAX_LR = 0.2
 SWA_START_EPOCH = EPOCHS // 2
-EXPORT_PATH = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)),
-    os.pardir,
-    "saved_models",
-    "polyak_averaging",
-)
-
-
-def load_data():
-    data = make_dataset(get_dataset_args())
-    return (
-        data["x"].astype("float32"),
-        data["y"].astype("int32"),
-        data["x_test"].astype("float32"),
-        data["y_test"].astype("int32"),
-    )
 
 
 def build_model(learning_rate):
@@ -153,26 +140,18 @@ def run_swa(seed, x, y, x_test, y_test):
     return final, averaged, swa.num_averaged, model
 
 
-def check_saved_model(model, x, export_path):
-    import tensorflow as tf
-
-    model.export(export_path, verbose=False)
-    reloaded = tf.saved_model.load(export_path)
-    served = np.asarray(reloaded.serve(x))
-    return float(np.max(np.abs(served - model.predict(x, verbose=0))))
-
-
 def summary(values):
+    """`(accuracy in %, loss)` cells, each `mean ± std` over the seeds."""
     values = np.asarray(values)
     return (
-        f"{100 * values[:, 0].mean():.2f} ± {100 * values[:, 0].std():.2f}",
-        f"{values[:, 1].mean():.4f} ± {values[:, 1].std():.4f}",
+        mean_and_spread(100 * values[:, 0], digits=2),
+        mean_and_spread(values[:, 1], digits=4),
     )
 
 
 def main():
     begin = time.perf_counter()
-    x, y, x_test, y_test = load_data()
+    x, y, x_test, y_test = load_mnist1d()
     rows = {
         "Final weights, constant lr": [],
         f"EMA (decay={EMA_DECAY}, every step), same run": [],
@@ -212,14 +191,8 @@ def main():
         print(f"| {name} | {accuracy} | {loss} |")
     print()
 
-    export_path = os.path.normpath(EXPORT_PATH)
-    difference = check_saved_model(export_model, x_test, export_path)
-    print(
-        f"Exported the SWA model (seed {SEEDS[0]}) to {export_path}; "
-        f"max |serve - predict| = {difference:.2e}"
-    )
-    if difference > 1e-5:
-        print("FAILED: the SavedModel serves different outputs.")
+    print(f"The SWA model (seed {SEEDS[0]}), exported as a SavedModel:")
+    if not export_and_check(export_model, x_test, "polyak_averaging"):
         return 1
     print(f"OK ({time.perf_counter() - begin:.0f} s in all).")
     return 0

@@ -71,15 +71,17 @@ def one_cycle_reference(
     """
     initial = max_lr / div_factor
     final = initial / final_div_factor
+    # (last iteration, lr from, lr to, momentum from, momentum to)
+    warm_up = (
+        pct_start * total_steps - 1,
+        initial,
+        max_lr,
+        max_momentum,
+        base_momentum,
+    )
     if three_phase:
         phases = [
-            (
-                pct_start * total_steps - 1,
-                initial,
-                max_lr,
-                max_momentum,
-                base_momentum,
-            ),
+            warm_up,
             (
                 2 * pct_start * total_steps - 2,
                 max_lr,
@@ -91,13 +93,7 @@ def one_cycle_reference(
         ]
     else:
         phases = [
-            (
-                pct_start * total_steps - 1,
-                initial,
-                max_lr,
-                max_momentum,
-                base_momentum,
-            ),
+            warm_up,
             (total_steps - 1, max_lr, final, base_momentum, max_momentum),
         ]
 
@@ -149,6 +145,98 @@ def probe_data(batches):
     return np.ones((batches, 1), "float32"), np.zeros((batches, 1), "float32")
 
 
+def fit_probe(model, batches, epochs, callbacks=(), **kwargs):
+    """Fits the probe on `batches` batches of size 1 per epoch, in order."""
+    x, y = probe_data(batches)
+    return model.fit(
+        x,
+        y,
+        batch_size=1,
+        epochs=epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+
+
+def momentum_sgd_weights(rates, momenta, weight=0.0):
+    """The probe's weight after each step of SGD with momentum, in float64.
+
+    The gradient is 1, so each step is `v = m * v - lr; w = w + v`.
+    """
+    velocity, weights = 0.0, []
+    for rate, momentum in zip(rates, momenta):
+        velocity = momentum * velocity - rate
+        weight += velocity
+        weights.append(weight)
+    return np.array(weights)
+
+
+def assert_momentum_policy_applied(recorder, rates, momenta, rtol):
+    """Checks a probe fit with SGD with momentum under a cycled policy.
+
+    The logged `learning_rate` and `momentum` are `rates` and `momenta` (one
+    per iteration), and the probe's weight moved as SGD with them would,
+    within `rtol` (float32 weights against the float64 reference).
+    """
+    np.testing.assert_allclose(
+        recorder.logs["learning_rate"], rates, rtol=1e-12
+    )
+    np.testing.assert_allclose(recorder.logs["momentum"], momenta, rtol=1e-12)
+    np.testing.assert_allclose(
+        recorder.probe_weights(),
+        momentum_sgd_weights(rates, momenta),
+        rtol=rtol,
+    )
+
+
+def regression_data(samples, features, outputs, seed=0):
+    """A noiseless linear regression problem, float32."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, features)).astype("float32")
+    y = (x @ rng.normal(size=(features, outputs))).astype("float32")
+    return x, y
+
+
+def small_mlp(optimizer, features, outputs, seed=0):
+    """A seeded two-layer MLP compiled with `optimizer` and the MSE."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((features,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(outputs),
+        ]
+    )
+    model.compile(optimizer, loss="mse")
+    return model
+
+
+def check_bad_arguments(factory, defaults, cases):
+    """Each `(kwargs, message)` of `cases` makes `factory` raise `message`.
+
+    `factory` is called with `defaults` updated by `kwargs`.
+    """
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            factory(**{**defaults, **kwargs})
+
+
+def assert_each_step_used_its_rate(recorder, rates, group):
+    """Checks a probe fit with `steps_per_execution=group`, plain SGD.
+
+    The batch hooks ran once per group, yet every step applied its own rate
+    (`rates`, one per iteration), not the rate of the group's first step.
+    """
+    assert recorder.iterations == list(range(group, len(rates) + 1, group))
+    np.testing.assert_allclose(
+        -recorder.probe_weights(),
+        np.cumsum(rates)[group - 1 :: group],
+        rtol=1e-5,
+    )
+
+
 class BatchRecorder(keras.callbacks.Callback):
     """Records, after each batch hook, the logs, the counter and the weight."""
 
@@ -171,6 +259,14 @@ class BatchRecorder(keras.callbacks.Callback):
         """The probe's single weight after each batch hook, as a vector."""
         return np.array([w[0].item() for w in self.weights])
 
+    def applied_rates(self, start=0.0):
+        """The step of the probe's weight at each batch hook, sign flipped.
+
+        With plain SGD this is the learning rate the optimizer applied (from
+        a weight of `start` before the first recorded batch).
+        """
+        return -np.diff(np.concatenate([[start], self.probe_weights()]))
+
 
 class InterruptAt(keras.callbacks.Callback):
     """Raises in the middle of an epoch, as a crash would."""
@@ -187,3 +283,50 @@ class InterruptAt(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._current == self.epoch and batch == self.batch:
             raise RuntimeError("interrupted for the test")
+
+
+def resumable_run(make_model, make_callbacks, x, y, epochs, interrupt=None):
+    """Fits in batches of 8, straight through or interrupted and resumed.
+
+    `make_callbacks()` returns a fresh list holding a `BackupAndRestore` and
+    one `BatchRecorder`. With `interrupt=(epoch, batch)` the first run raises
+    there (`InterruptAt`), and a new model with new callbacks resumes from
+    the backup, as a new process would; the interrupted epoch is run again
+    from its start, with the same values it had the first time.
+
+    Returns `(trace, model)`: the recorder's logs over the whole run as if it
+    had never been interrupted, and the model at the end.
+    """
+
+    def fit(model, callbacks):
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=epochs,
+            verbose=0,
+            shuffle=False,
+            callbacks=callbacks,
+        )
+
+    def recorder_of(callbacks):
+        (recorder,) = [c for c in callbacks if isinstance(c, BatchRecorder)]
+        return recorder
+
+    first = make_callbacks()
+    model = make_model()
+    if interrupt is None:
+        fit(model, first)
+        return recorder_of(first).logs, model
+    epoch, batch = interrupt
+    with pytest.raises(RuntimeError, match="interrupted for the test"):
+        fit(model, [*first, InterruptAt(epoch, batch)])
+    model = make_model()
+    second = make_callbacks()
+    fit(model, second)
+    before, after = recorder_of(first).logs, recorder_of(second).logs
+    kept = epoch * -(-len(x) // 8)
+    partial = before["learning_rate"][kept:]
+    assert partial == after["learning_rate"][: len(partial)]
+    trace = {key: before[key][:kept] + after[key] for key in before}
+    return trace, model

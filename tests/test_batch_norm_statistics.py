@@ -28,20 +28,17 @@ def _assert_statistics(layer, inputs, axes=None, weights=None):
     mean = (weights * inputs).sum(axis=axes) / count
     centred = inputs - mean.reshape(shape)
     variance = (weights * centred**2).sum(axis=axes) / (count - 1)
-    np.testing.assert_allclose(
-        _np(layer.moving_mean),
-        mean,
-        rtol=1e-5,
-        atol=1e-5,
-        err_msg=f"{layer.name}: mean",
-    )
-    np.testing.assert_allclose(
-        _np(layer.moving_variance),
-        variance,
-        rtol=1e-5,
-        atol=1e-6,
-        err_msg=f"{layer.name}: variance",
-    )
+    for name, actual, expected, atol in (
+        ("mean", layer.moving_mean, mean, 1e-5),
+        ("variance", layer.moving_variance, variance, 1e-6),
+    ):
+        np.testing.assert_allclose(
+            _np(actual),
+            expected,
+            rtol=1e-5,
+            atol=atol,
+            err_msg=f"{layer.name}: {name}",
+        )
 
 
 def _randomize(model, seed=0):
@@ -74,30 +71,35 @@ def _nested_model():
     return model, (d1, bn1, inner, d3, bn3)
 
 
-def test_each_layer_matches_numpy_statistics_of_its_inputs():
-    model, (d1, bn1, inner, d3, bn3) = _nested_model()
+def _assert_nested_statistics(layers, x):
+    """Checks every batch norm of `_nested_model` against NumPy.
+
+    Each holds the statistics of what it sees at inference: the output of
+    the recomputed layers before it.
+    """
+    d1, bn1, inner, d3, bn3 = layers
     d2, bn2, dropout = inner.layers
-    assert [id(b) for b in batch_norm_layers(model)] == [
-        id(bn1),
-        id(bn2),
-        id(bn3),
-    ] or {id(b) for b in batch_norm_layers(model)} == {
-        id(bn1),
-        id(bn2),
-        id(bn3),
-    }
-    x = np.random.default_rng(1).normal(2.0, 3.0, size=(50, 4))
-    x = x.astype("float32")
-    done = recompute_batchnorm_statistics(model, x, batch_size=7)
-    assert [layer.name for layer in done] == [bn1.name, bn2.name, bn3.name]
-    # Each layer sees, at inference, the output of the recomputed layers
-    # before it.
     h = d1(x)
     _assert_statistics(bn1, _np(h))
     h = d2(bn1(h, training=False))
     _assert_statistics(bn2, _np(h))
     h = d3(dropout(bn2(h, training=False), training=False))
     _assert_statistics(bn3, _np(h))
+
+
+def test_each_layer_matches_numpy_statistics_of_its_inputs():
+    model, layers = _nested_model()
+    _, bn1, inner, _, bn3 = layers
+    bn2 = inner.layers[1]
+    # Discovery finds every layer, nested ones included; the order in which
+    # they are recomputed (the forward order) is checked below.
+    found = [id(b) for b in batch_norm_layers(model)]
+    assert sorted(found) == sorted([id(bn1), id(bn2), id(bn3)])
+    x = np.random.default_rng(1).normal(2.0, 3.0, size=(50, 4))
+    x = x.astype("float32")
+    done = recompute_batchnorm_statistics(model, x, batch_size=7)
+    assert [layer.name for layer in done] == [bn1.name, bn2.name, bn3.name]
+    _assert_nested_statistics(layers, x)
     for layer in (bn1, bn2, bn3):
         assert "call" not in layer.__dict__
 
@@ -295,7 +297,7 @@ def test_hooks_are_removed_when_the_forward_pass_fails():
 def test_callback_recomputes_for_the_final_weights():
     x = np.random.default_rng(7).normal(size=(64, 4)).astype("float32")
     y = x[:, :1] * 2.0
-    model, (d1, bn1, inner, d3, bn3) = _nested_model()
+    model, layers = _nested_model()
     model = keras.Sequential([model, keras.layers.Dense(1)])
     model.compile(keras.optimizers.SGD(0.01), "mse")
     history = model.fit(
@@ -307,13 +309,7 @@ def test_callback_recomputes_for_the_final_weights():
         callbacks=[BatchNormStatistics(x, batch_size=16)],
     )
     assert len(history.history["loss"]) == 2
-    d2, bn2, dropout = inner.layers
-    h = d1(x)
-    _assert_statistics(bn1, _np(h))
-    h = d2(bn1(h, training=False))
-    _assert_statistics(bn2, _np(h))
-    h = d3(dropout(bn2(h, training=False), training=False))
-    _assert_statistics(bn3, _np(h))
+    _assert_nested_statistics(layers, x)
 
 
 def test_mixed_precision_statistics_in_float32():

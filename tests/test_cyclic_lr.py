@@ -6,11 +6,17 @@ import numpy as np
 import pytest
 from lr_policy_checks import BatchRecorder
 from lr_policy_checks import InterruptAt
+from lr_policy_checks import assert_each_step_used_its_rate
+from lr_policy_checks import assert_momentum_policy_applied
+from lr_policy_checks import check_bad_arguments
 from lr_policy_checks import cyclic_reference
+from lr_policy_checks import fit_probe
 from lr_policy_checks import in_step_only
 from lr_policy_checks import jax_only
-from lr_policy_checks import probe_data
 from lr_policy_checks import probe_model
+from lr_policy_checks import regression_data
+from lr_policy_checks import resumable_run
+from lr_policy_checks import small_mlp
 
 from keras_regkit.callbacks import CyclicLR
 from keras_regkit.schedules import CyclicalLearningRate
@@ -21,24 +27,12 @@ def quarter_per_cycle(cycle):
     return 0.25 ** (cycle - 1.0)
 
 
-def _regression_data(samples=96, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(samples, 6)).astype("float32")
-    y = (x @ rng.normal(size=(6, 2))).astype("float32")
-    return x, y
+def _regression_data(samples=96):
+    return regression_data(samples, features=6, outputs=2)
 
 
-def _mlp(optimizer, seed=0):
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8, activation="relu"),
-            keras.layers.Dense(2),
-        ]
-    )
-    model.compile(optimizer, loss="mse")
-    return model
+def _mlp(optimizer):
+    return small_mlp(optimizer, features=6, outputs=2)
 
 
 @pytest.mark.parametrize(
@@ -49,76 +43,35 @@ def test_fit_trace_is_the_closed_form_over_three_cycles(mode, gamma):
     # 7 batches per epoch, 5 epochs: 35 iterations, 4 cycles of 8.
     model = probe_model(keras.optimizers.SGD(0.5))
     recorder = BatchRecorder()
-    x, y = probe_data(7)
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=5,
-        verbose=0,
-        shuffle=False,
-        callbacks=[CyclicLR(0.01, 0.2, 4, mode, gamma), recorder],
-    )
+    fit_probe(model, 7, 5, [CyclicLR(0.01, 0.2, 4, mode, gamma), recorder])
     expected = cyclic_reference(np.arange(35), 0.01, 0.2, 4, mode, gamma)
     np.testing.assert_allclose(
         recorder.logs["learning_rate"], expected, rtol=1e-12
     )
     # What the optimizer applied, read back from the weight: w -= lr * 1.
-    applied = -np.diff(np.concatenate([[0.0], recorder.probe_weights()]))
-    np.testing.assert_allclose(applied, expected, rtol=1e-5)
+    np.testing.assert_allclose(recorder.applied_rates(), expected, rtol=1e-5)
 
 
 def test_custom_scale_fn_in_fit():
     model = probe_model(keras.optimizers.SGD(0.5))
     recorder = BatchRecorder()
-    x, y = probe_data(10)
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=3,
-        verbose=0,
-        shuffle=False,
-        callbacks=[
-            CyclicLR(0.01, 0.2, 3, scale_fn=quarter_per_cycle),
-            recorder,
-        ],
-    )
+    callback = CyclicLR(0.01, 0.2, 3, scale_fn=quarter_per_cycle)
+    fit_probe(model, 10, 3, [callback, recorder])
     expected = cyclic_reference(
         np.arange(30), 0.01, 0.2, 3, scale_fn=quarter_per_cycle
     )
-    applied = -np.diff(np.concatenate([[0.0], recorder.probe_weights()]))
-    np.testing.assert_allclose(applied, expected, rtol=1e-5)
+    np.testing.assert_allclose(recorder.applied_rates(), expected, rtol=1e-5)
 
 
 @in_step_only
 def test_momentum_cycles_inversely_and_is_applied():
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
     recorder = BatchRecorder(keys=("learning_rate", "momentum"))
-    x, y = probe_data(6)
     callback = CyclicLR(0.01, 0.1, 4, base_momentum=0.8, max_momentum=0.95)
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=3,
-        verbose=0,
-        shuffle=False,
-        callbacks=[callback, recorder],
-    )
+    fit_probe(model, 6, 3, [callback, recorder])
     rates = cyclic_reference(np.arange(18), 0.01, 0.1, 4)
     momenta = 0.95 - 0.15 * (rates - 0.01) / 0.09
-    np.testing.assert_allclose(
-        recorder.logs["learning_rate"], rates, rtol=1e-12
-    )
-    np.testing.assert_allclose(recorder.logs["momentum"], momenta, rtol=1e-12)
-    # SGD with momentum on a gradient of 1: v = m * v - lr, w = w + v.
-    velocity, weight, expected = 0.0, 0.0, []
-    for lr, m in zip(rates, momenta):
-        velocity = m * velocity - lr
-        weight += velocity
-        expected.append(weight)
-    np.testing.assert_allclose(recorder.probe_weights(), expected, rtol=1e-5)
+    assert_momentum_policy_applied(recorder, rates, momenta, rtol=1e-5)
     # Afterwards the optimizer holds plain floats at their last values.
     assert model.optimizer.momentum == pytest.approx(momenta[-1])
     assert isinstance(model.optimizer.momentum, float)
@@ -160,10 +113,6 @@ def test_beta_1_cycles_for_the_adam_family(optimizer):
 
 def _resumable_run(tmp_path, interrupt):
     backup = os.path.join(tmp_path, "backup")
-    x, y = _regression_data()
-
-    def fresh():
-        return _mlp(keras.optimizers.SGD(0.01, momentum=0.9))
 
     def callbacks():
         # Counts that do not line up with epochs (12 batches per epoch).
@@ -180,58 +129,23 @@ def _resumable_run(tmp_path, interrupt):
             BatchRecorder(keys=("learning_rate", "momentum")),
         ]
 
-    first = callbacks()
-    model = fresh()
-    if interrupt:
-        with pytest.raises(RuntimeError, match="interrupted for the test"):
-            model.fit(
-                x,
-                y,
-                batch_size=8,
-                epochs=4,
-                verbose=0,
-                shuffle=False,
-                callbacks=[*first, InterruptAt(epoch=2, batch=6)],
-            )
-        # A new process: a new model, restored by BackupAndRestore.
-        model = fresh()
-        second = callbacks()
-        model.fit(
-            x,
-            y,
-            batch_size=8,
-            epochs=4,
-            verbose=0,
-            shuffle=False,
-            callbacks=second,
-        )
-        # The interrupted epoch is run again from its start.
-        kept = 2 * 12
-        trace = {
-            key: first[2].logs[key][:kept] + second[2].logs[key]
-            for key in ("learning_rate", "momentum")
-        }
-        partial = first[2].logs["learning_rate"][kept:]
-        assert partial == second[2].logs["learning_rate"][: len(partial)]
-    else:
-        model.fit(
-            x,
-            y,
-            batch_size=8,
-            epochs=4,
-            verbose=0,
-            shuffle=False,
-            callbacks=first,
-        )
-        trace = first[2].logs
+    x, y = _regression_data()
+    trace, model = resumable_run(
+        lambda: _mlp(keras.optimizers.SGD(0.01, momentum=0.9)),
+        callbacks,
+        x,
+        y,
+        epochs=4,
+        interrupt=interrupt,
+    )
     return trace, model.get_weights(), model
 
 
 @in_step_only
 def test_backup_and_restore_resumes_the_cycle(tmp_path):
-    straight, weights, _ = _resumable_run(tmp_path / "a", interrupt=False)
+    straight, weights, _ = _resumable_run(tmp_path / "a", interrupt=None)
     resumed, resumed_weights, model = _resumable_run(
-        tmp_path / "b", interrupt=True
+        tmp_path / "b", interrupt=(2, 6)
     )
     assert resumed == straight
     np.testing.assert_allclose(
@@ -247,39 +161,14 @@ def test_backup_and_restore_resumes_the_cycle(tmp_path):
 @in_step_only
 def test_consecutive_fits_continue_the_cycle():
     model = probe_model(keras.optimizers.SGD(0.5))
-    x, y = probe_data(5)
     callback = CyclicLR(0.01, 0.2, 3, mode="triangular2")
     first, second, third = BatchRecorder(), BatchRecorder(), BatchRecorder()
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=2,
-        verbose=0,
-        shuffle=False,
-        callbacks=[callback, first],
-    )
+    fit_probe(model, 5, 2, [callback, first])
     traced = model.train_function.function
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=1,
-        verbose=0,
-        shuffle=False,
-        callbacks=[callback, second],
-    )
+    fit_probe(model, 5, 1, [callback, second])
     # The same policy reuses the step traced for it.
     assert model.train_function.function is traced
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=2,
-        verbose=0,
-        shuffle=False,
-        callbacks=[CyclicLR(0.01, 0.2, 3, mode="triangular2"), third],
-    )
+    fit_probe(model, 5, 2, [CyclicLR(0.01, 0.2, 3, mode="triangular2"), third])
     trace = (
         first.logs["learning_rate"]
         + second.logs["learning_rate"]
@@ -302,22 +191,10 @@ def test_consecutive_fits_continue_the_cycle():
 def test_steps_per_execution_applies_each_iteration_its_own_rate():
     model = probe_model(keras.optimizers.SGD(0.5), steps_per_execution=4)
     recorder = BatchRecorder()
-    x, y = probe_data(16)
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=2,
-        verbose=0,
-        shuffle=False,
-        callbacks=[CyclicLR(0.01, 0.2, 3), recorder],
-    )
-    assert recorder.iterations == list(range(4, 36, 4))
+    fit_probe(model, 16, 2, [CyclicLR(0.01, 0.2, 3), recorder])
     rates = cyclic_reference(np.arange(32), 0.01, 0.2, 3)
     # Inside each group of 4 the rate changes every step (not held).
-    np.testing.assert_allclose(
-        -recorder.probe_weights(), np.cumsum(rates)[3::4], rtol=1e-5
-    )
+    assert_each_step_used_its_rate(recorder, rates, group=4)
     # The logs hold the rate of the last step of each group.
     np.testing.assert_allclose(
         recorder.logs["learning_rate"], rates[3::4], rtol=1e-12
@@ -330,19 +207,8 @@ def test_jit_compiled_step():
         keras.optimizers.SGD(0.5, momentum=0.5), jit_compile=True
     )
     recorder = BatchRecorder()
-    x, y = probe_data(8)
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=1,
-        verbose=0,
-        shuffle=False,
-        callbacks=[
-            CyclicLR(0.1, 0.1, 3, base_momentum=0.0, max_momentum=0.0),
-            recorder,
-        ],
-    )
+    callback = CyclicLR(0.1, 0.1, 3, base_momentum=0.0, max_momentum=0.0)
+    fit_probe(model, 8, 1, [callback, recorder])
     # Momentum cycled to 0 inside the XLA step: plain steps of 0.1.
     np.testing.assert_allclose(
         -recorder.probe_weights(), 0.1 * np.arange(1, 9), rtol=1e-5
@@ -388,62 +254,28 @@ def test_logs_history_csv_and_verbose(tmp_path, capsys):
 @in_step_only
 def test_fit_without_the_callback_afterwards_is_constant():
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.5))
-    x, y = probe_data(6)
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=1,
-        verbose=0,
-        shuffle=False,
-        callbacks=[CyclicLR(0.01, 0.2, 4, base_momentum=0.0, max_momentum=0.0)],
-    )
+    callback = CyclicLR(0.01, 0.2, 4, base_momentum=0.0, max_momentum=0.0)
+    fit_probe(model, 6, 1, [callback])
     last = cyclic_reference([5], 0.01, 0.2, 4)[0]
     assert float(model.optimizer.learning_rate) == pytest.approx(last)
     assert model.optimizer.momentum == 0.0
     recorder = BatchRecorder()
     start = model.get_weights()[0].item()
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=1,
-        verbose=0,
-        shuffle=False,
-        callbacks=[recorder],
-    )
+    fit_probe(model, 6, 1, [recorder])
     # Momentum 0 and the last rate, held: equal plain SGD steps.
-    steps = -np.diff(np.concatenate([[start], recorder.probe_weights()]))
-    np.testing.assert_allclose(steps, np.full(6, last), rtol=1e-5)
+    np.testing.assert_allclose(
+        recorder.applied_rates(start), np.full(6, last), rtol=1e-5
+    )
 
 
 @in_step_only
 def test_fit_after_an_interrupted_fit_is_constant():
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.5))
-    x, y = probe_data(6)
+    callback = CyclicLR(0.01, 0.2, 4, base_momentum=0.0, max_momentum=0.0)
     with pytest.raises(RuntimeError, match="interrupted"):
-        model.fit(
-            x,
-            y,
-            batch_size=1,
-            epochs=2,
-            verbose=0,
-            shuffle=False,
-            callbacks=[
-                CyclicLR(0.01, 0.2, 4, base_momentum=0.0, max_momentum=0.0),
-                InterruptAt(epoch=0, batch=2),
-            ],
-        )
+        fit_probe(model, 6, 2, [callback, InterruptAt(epoch=0, batch=2)])
     recorder = BatchRecorder()
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=1,
-        verbose=0,
-        shuffle=False,
-        callbacks=[recorder],
-    )
+    fit_probe(model, 6, 1, [recorder])
     last = cyclic_reference([2], 0.01, 0.2, 4)[0]
     assert model.optimizer.momentum == 0.0
     assert float(model.optimizer.learning_rate) == pytest.approx(last)
@@ -482,14 +314,11 @@ def test_checkpoint_saved_mid_fit_loads_without_custom_objects(tmp_path):
 
 def test_a_recompiled_model_gets_a_fresh_step():
     model = probe_model(keras.optimizers.SGD(0.5))
-    x, y = probe_data(4)
     callback = CyclicLR(0.01, 0.2, 3)
-    model.fit(x, y, batch_size=1, epochs=1, verbose=0, callbacks=[callback])
+    fit_probe(model, 4, 1, [callback])
     model.compile(keras.optimizers.SGD(0.5), loss="mse")
     recorder = BatchRecorder()
-    model.fit(
-        x, y, batch_size=1, epochs=1, verbose=0, callbacks=[callback, recorder]
-    )
+    fit_probe(model, 4, 1, [callback, recorder])
     # The new optimizer starts its own count; the new loss is used.
     np.testing.assert_allclose(
         recorder.logs["learning_rate"],
@@ -611,11 +440,11 @@ BAD_ARGUMENTS = [
 
 
 def test_bad_arguments():
-    for kwargs, message in BAD_ARGUMENTS:
-        arguments = {"base_lr": 0.01, "max_lr": 0.1, "step_size": 4}
-        arguments.update(kwargs)
-        with pytest.raises(ValueError, match=message):
-            CyclicLR(**arguments)
+    check_bad_arguments(
+        CyclicLR,
+        {"base_lr": 0.01, "max_lr": 0.1, "step_size": 4},
+        BAD_ARGUMENTS,
+    )
 
 
 def _fit_with(optimizer, callback):
@@ -678,16 +507,7 @@ def test_sgd_without_momentum_slots_is_refused():
 def test_jax_sets_the_rate_between_batches():
     model = probe_model(keras.optimizers.SGD(0.5), steps_per_execution=4)
     recorder = BatchRecorder()
-    x, y = probe_data(16)
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=1,
-        verbose=0,
-        shuffle=False,
-        callbacks=[CyclicLR(0.01, 0.2, 3), recorder],
-    )
+    fit_probe(model, 16, 1, [CyclicLR(0.01, 0.2, 3), recorder])
     rates = cyclic_reference(np.arange(16), 0.01, 0.2, 3)
     held = np.repeat(rates[0::4], 4)
     np.testing.assert_allclose(

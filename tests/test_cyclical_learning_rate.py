@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from keras import ops
 from lr_policy_checks import BatchRecorder
+from lr_policy_checks import assert_each_step_used_its_rate
+from lr_policy_checks import check_bad_arguments
 from lr_policy_checks import cyclic_reference
-from lr_policy_checks import probe_data
+from lr_policy_checks import fit_probe
 from lr_policy_checks import probe_model
 
 from keras_regkit.schedules import CyclicalLearningRate
@@ -179,23 +181,10 @@ def test_per_iteration_inside_the_step_with_steps_per_execution(jit_compile):
         jit_compile=jit_compile,
     )
     recorder = BatchRecorder()
-    x, y = probe_data(24)
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=2,
-        verbose=0,
-        shuffle=False,
-        callbacks=[recorder],
-    )
+    fit_probe(model, 24, 2, [recorder])
     # Hooks run once per 4 steps, yet every step used its own rate.
-    assert recorder.iterations == list(range(4, 52, 4))
-    applied = -recorder.probe_weights()
-    expected = np.cumsum(
-        cyclic_reference(np.arange(48), 0.01, 0.1, 3, "triangular2")
-    )[3::4]
-    np.testing.assert_allclose(applied, expected, rtol=1e-5)
+    rates = cyclic_reference(np.arange(48), 0.01, 0.1, 3, "triangular2")
+    assert_each_step_used_its_rate(recorder, rates, group=4)
 
 
 BAD_ARGUMENTS = [
@@ -289,12 +278,12 @@ BAD_ARGUMENTS = [
 
 
 def test_bad_arguments():
-    for kwargs, message in BAD_ARGUMENTS:
-        arguments = {
+    check_bad_arguments(
+        CyclicalLearningRate,
+        {
             "initial_learning_rate": 0.01,
             "maximal_learning_rate": 0.1,
             "step_size": 4,
-        }
-        arguments.update(kwargs)
-        with pytest.raises(ValueError, match=message):
-            CyclicalLearningRate(**arguments)
+        },
+        BAD_ARGUMENTS,
+    )

@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 from lr_policy_checks import InterruptAt
+from lr_policy_checks import check_bad_arguments
 from sklearn.datasets import load_digits
 
 from keras_regkit.callbacks import CyclicLR
@@ -327,9 +328,7 @@ BAD_ARGUMENTS = [
 
 
 def test_bad_arguments():
-    for kwargs, message in BAD_ARGUMENTS:
-        with pytest.raises(ValueError, match=message):
-            LRRangeTest(**kwargs)
+    check_bad_arguments(LRRangeTest, {}, BAD_ARGUMENTS)
 
 
 def test_epochs_argument_is_refused():

@@ -4,33 +4,25 @@ import keras
 import numpy as np
 import pytest
 from lr_policy_checks import BatchRecorder
-from lr_policy_checks import InterruptAt
+from lr_policy_checks import assert_momentum_policy_applied
+from lr_policy_checks import check_bad_arguments
+from lr_policy_checks import fit_probe
 from lr_policy_checks import in_step_only
 from lr_policy_checks import one_cycle_reference
-from lr_policy_checks import probe_data
 from lr_policy_checks import probe_model
+from lr_policy_checks import regression_data
+from lr_policy_checks import resumable_run
+from lr_policy_checks import small_mlp
 
 from keras_regkit.callbacks import OneCycle
 
 
-def _regression_data(samples=80, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(samples, 5)).astype("float32")
-    y = (x @ rng.normal(size=(5, 1))).astype("float32")
-    return x, y
+def _regression_data(samples=80):
+    return regression_data(samples, features=5, outputs=1)
 
 
 def _mlp(optimizer):
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((5,)),
-            keras.layers.Dense(8, activation="relu"),
-            keras.layers.Dense(1),
-        ]
-    )
-    model.compile(optimizer, loss="mse")
-    return model
+    return small_mlp(optimizer, features=5, outputs=1)
 
 
 @in_step_only
@@ -51,50 +43,21 @@ def test_fit_trace_is_the_closed_form(kwargs):
     # total_steps from fit: 4 epochs of 9 batches.
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
     recorder = BatchRecorder(keys=("learning_rate", "momentum"))
-    x, y = probe_data(9)
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=4,
-        verbose=0,
-        shuffle=False,
-        callbacks=[OneCycle(0.2, **kwargs), recorder],
-    )
+    fit_probe(model, 9, 4, [OneCycle(0.2, **kwargs), recorder])
     rates, momenta = one_cycle_reference(np.arange(36), 0.2, 36, **kwargs)
-    np.testing.assert_allclose(
-        recorder.logs["learning_rate"], rates, rtol=1e-12
-    )
-    np.testing.assert_allclose(recorder.logs["momentum"], momenta, rtol=1e-12)
-    # What SGD applied (gradient 1): v = m * v - lr, w = w + v, float32.
-    velocity, weight, expected = 0.0, 0.0, []
-    for lr, m in zip(rates, momenta):
-        velocity = m * velocity - lr
-        weight += velocity
-        expected.append(weight)
-    np.testing.assert_allclose(recorder.probe_weights(), expected, rtol=1e-4)
+    assert_momentum_policy_applied(recorder, rates, momenta, rtol=1e-4)
 
 
 def test_learning_rate_only():
     model = probe_model(keras.optimizers.SGD(0.5))
     recorder = BatchRecorder()
-    x, y = probe_data(10)
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=2,
-        verbose=0,
-        shuffle=False,
-        callbacks=[
-            OneCycle(0.1, base_momentum=None, max_momentum=None),
-            recorder,
-        ],
-    )
+    callback = OneCycle(0.1, base_momentum=None, max_momentum=None)
+    fit_probe(model, 10, 2, [callback, recorder])
     rates, _ = one_cycle_reference(np.arange(20), 0.1, 20)
-    applied = -np.diff(np.concatenate([[0.0], recorder.probe_weights()]))
     # Weight differences of float32 weights near 1: ~1e-7 absolute.
-    np.testing.assert_allclose(applied, rates, rtol=1e-4, atol=5e-7)
+    np.testing.assert_allclose(
+        recorder.applied_rates(), rates, rtol=1e-4, atol=5e-7
+    )
     assert model.optimizer.momentum == 0.0
 
 
@@ -125,10 +88,6 @@ def test_beta_1_for_adam_and_steps_per_execution():
 
 def _resumable_run(tmp_path, interrupt):
     backup = os.path.join(tmp_path, "backup")
-    x, y = _regression_data()
-
-    def fresh():
-        return _mlp(keras.optimizers.SGD(0.01, momentum=0.9))
 
     def callbacks():
         # BackupAndRestore first: it restores before OneCycle starts.
@@ -138,46 +97,22 @@ def _resumable_run(tmp_path, interrupt):
             BatchRecorder(keys=("learning_rate", "momentum")),
         ]
 
-    first = callbacks()
-    model = fresh()
-    if not interrupt:
-        model.fit(
-            x,
-            y,
-            batch_size=8,
-            epochs=5,
-            verbose=0,
-            shuffle=False,
-            callbacks=first,
-        )
-        return first[2].logs, model.get_weights()
-    with pytest.raises(RuntimeError, match="interrupted for the test"):
-        model.fit(
-            x,
-            y,
-            batch_size=8,
-            epochs=5,
-            verbose=0,
-            shuffle=False,
-            callbacks=[*first, InterruptAt(epoch=3, batch=4)],
-        )
-    model = fresh()
-    second = callbacks()
-    model.fit(
-        x, y, batch_size=8, epochs=5, verbose=0, shuffle=False, callbacks=second
+    x, y = _regression_data()  # 10 batches per epoch
+    trace, model = resumable_run(
+        lambda: _mlp(keras.optimizers.SGD(0.01, momentum=0.9)),
+        callbacks,
+        x,
+        y,
+        epochs=5,
+        interrupt=interrupt,
     )
-    kept = 3 * 10
-    trace = {
-        key: first[2].logs[key][:kept] + second[2].logs[key]
-        for key in ("learning_rate", "momentum")
-    }
     return trace, model.get_weights()
 
 
 @in_step_only
 def test_backup_and_restore_resumes_the_cycle(tmp_path):
-    straight, weights = _resumable_run(tmp_path / "a", interrupt=False)
-    resumed, resumed_weights = _resumable_run(tmp_path / "b", interrupt=True)
+    straight, weights = _resumable_run(tmp_path / "a", interrupt=None)
+    resumed, resumed_weights = _resumable_run(tmp_path / "b", interrupt=(3, 4))
     assert resumed == straight
     rates, momenta = one_cycle_reference(np.arange(50), 0.05, 50)
     np.testing.assert_allclose(straight["learning_rate"], rates, rtol=1e-12)
@@ -189,27 +124,10 @@ def test_backup_and_restore_resumes_the_cycle(tmp_path):
 @in_step_only
 def test_consecutive_fits_with_total_steps_continue():
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
-    x, y = probe_data(6)
     callback = OneCycle(0.1, total_steps=30)
     recorders = [BatchRecorder(), BatchRecorder()]
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=2,
-        verbose=0,
-        shuffle=False,
-        callbacks=[callback, recorders[0]],
-    )
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=3,
-        verbose=0,
-        shuffle=False,
-        callbacks=[callback, recorders[1]],
-    )
+    fit_probe(model, 6, 2, [callback, recorders[0]])
+    fit_probe(model, 6, 3, [callback, recorders[1]])
     rates, _ = one_cycle_reference(np.arange(30), 0.1, 30)
     np.testing.assert_allclose(
         recorders[0].logs["learning_rate"] + recorders[1].logs["learning_rate"],
@@ -221,27 +139,9 @@ def test_consecutive_fits_with_total_steps_continue():
 @in_step_only
 def test_initial_epoch_resumes_a_cycle_sized_by_epochs():
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
-    x, y = probe_data(5)
     first, second = BatchRecorder(), BatchRecorder()
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=2,
-        verbose=0,
-        shuffle=False,
-        callbacks=[OneCycle(0.1, total_steps=20), first],
-    )
-    model.fit(
-        x,
-        y,
-        batch_size=1,
-        epochs=4,
-        initial_epoch=2,
-        verbose=0,
-        shuffle=False,
-        callbacks=[OneCycle(0.1), second],
-    )
+    fit_probe(model, 5, 2, [OneCycle(0.1, total_steps=20), first])
+    fit_probe(model, 5, 4, [OneCycle(0.1), second], initial_epoch=2)
     rates, _ = one_cycle_reference(np.arange(20), 0.1, 20)
     np.testing.assert_allclose(
         first.logs["learning_rate"] + second.logs["learning_rate"],
@@ -253,10 +153,7 @@ def test_initial_epoch_resumes_a_cycle_sized_by_epochs():
 @in_step_only
 def test_warns_when_the_cycle_is_over():
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
-    x, y = probe_data(4)
-    model.fit(
-        x, y, batch_size=1, epochs=2, verbose=0, callbacks=[OneCycle(0.1)]
-    )
+    fit_probe(model, 4, 2, [OneCycle(0.1)])
     recorder = BatchRecorder()
     with pytest.warns(
         UserWarning,
@@ -264,14 +161,7 @@ def test_warns_when_the_cycle_is_over():
         r"least total_steps=8, so the learning rate stays at its final "
         r"value. To run a new cycle, compile the model with a new optimizer.",
     ):
-        model.fit(
-            x,
-            y,
-            batch_size=1,
-            epochs=2,
-            verbose=0,
-            callbacks=[OneCycle(0.1), recorder],
-        )
+        fit_probe(model, 4, 2, [OneCycle(0.1), recorder])
     np.testing.assert_allclose(
         recorder.logs["learning_rate"], np.full(8, 0.1 / 25 / 1e4), rtol=1e-12
     )
@@ -410,11 +300,7 @@ BAD_ARGUMENTS = [
 
 
 def test_bad_arguments():
-    for kwargs, message in BAD_ARGUMENTS:
-        arguments = {"max_lr": 0.1}
-        arguments.update(kwargs)
-        with pytest.raises(ValueError, match=message):
-            OneCycle(**arguments)
+    check_bad_arguments(OneCycle, {"max_lr": 0.1}, BAD_ARGUMENTS)
 
 
 @in_step_only

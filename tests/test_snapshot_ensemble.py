@@ -329,14 +329,21 @@ def test_exported_ensemble_serves_the_mean_of_members(tmp_path):
     )
 
 
-class Interrupt(keras.callbacks.Callback):
-    def __init__(self, at_iteration):
+class AtIteration(keras.callbacks.Callback):
+    """Calls `action(model)` before the step at optimizer iteration `at`."""
+
+    def __init__(self, at, action):
         super().__init__()
-        self.at_iteration = at_iteration
+        self.at = at
+        self.action = action
 
     def on_train_batch_begin(self, batch, logs=None):
-        if read_iterations(self.model.optimizer) == self.at_iteration:
-            raise RuntimeError("interrupted")
+        if read_iterations(self.model.optimizer) == self.at:
+            self.action(self.model)
+
+
+def _interrupt(model):
+    raise RuntimeError("interrupted")
 
 
 def test_interrupted_and_resumed_run_gives_the_same_snapshots(tmp_path):
@@ -353,7 +360,7 @@ def test_interrupted_and_resumed_run_gives_the_same_snapshots(tmp_path):
             [
                 SnapshotEnsemble(4, MAX_LR, directory),
                 keras.callbacks.BackupAndRestore(backup_dir),
-                Interrupt(19),
+                AtIteration(19, _interrupt),
             ],
         )
     assert [s["iteration"] for s in _manifest(directory)["snapshots"]] == [
@@ -411,7 +418,7 @@ def test_resume_from_a_mid_epoch_backup_replays_the_epoch(tmp_path):
             [
                 SnapshotEnsemble(4, MAX_LR, directory),
                 keras.callbacks.BackupAndRestore(backup_dir, save_freq=2),
-                Interrupt(19),
+                AtIteration(19, _interrupt),
             ],
         )
     recorder = Recorder()
@@ -523,15 +530,9 @@ def test_failed_write_leaves_directory_consistent(tmp_path, monkeypatch, fail):
         snapshot_ensemble_model(tmp_path, last=2)
 
 
-class PoisonWeights(keras.callbacks.Callback):
-    def __init__(self, at_iteration):
-        super().__init__()
-        self.at_iteration = at_iteration
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if read_iterations(self.model.optimizer) == self.at_iteration:
-            kernel = self.model.layers[0].kernel
-            kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+def _poison_weights(model):
+    kernel = model.layers[0].kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
 
 
 def test_non_finite_weights_are_not_snapshotted(tmp_path):
@@ -541,7 +542,7 @@ def test_non_finite_weights_are_not_snapshotted(tmp_path):
             _model(),
             [
                 SnapshotEnsemble(2, MAX_LR, tmp_path),
-                PoisonWeights(20),
+                AtIteration(20, _poison_weights),
                 recorder,
             ],
         )

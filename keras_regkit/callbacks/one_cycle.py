@@ -17,6 +17,7 @@ from keras_regkit.schedules.one_cycle_learning_rate import (
     check_one_cycle_arguments,
 )
 from keras_regkit.schedules.one_cycle_learning_rate import check_total_steps
+from keras_regkit.schedules.one_cycle_learning_rate import one_cycle_anchors
 from keras_regkit.schedules.one_cycle_learning_rate import one_cycle_value
 
 __all__ = ["OneCycle"]
@@ -200,13 +201,10 @@ class OneCycle(InStepLearningRateCallback):
 
     def _momentum(self, iteration, math_ops):
         top, base = self.max_momentum, self.base_momentum
-        anchors = (
-            (top, base, top, top) if self.three_phase else (top, base, top)
-        )
         return one_cycle_value(
             iteration,
             self.schedule.boundaries,
-            anchors,
+            one_cycle_anchors(top, base, top, self.three_phase),
             self.anneal_strategy,
             math_ops,
         )

@@ -80,6 +80,17 @@ def one_cycle_boundaries(total_steps, pct_start, three_phase):
     return (warm_up_end, total_steps - 1.0)
 
 
+def one_cycle_anchors(start, peak, end, three_phase):
+    """The values at the phase boundaries: `start -> peak -> start -> end`.
+
+    Two phases go `start -> peak -> end`. The learning rate uses
+    `(initial, maximal, final)`, the momentum `(max, base, max)`.
+    """
+    if three_phase:
+        return (start, peak, start, end)
+    return (start, peak, end)
+
+
 def one_cycle_value(step, boundaries, anchors, anneal_strategy, math_ops):
     """The piecewise closed form of the one-cycle policy at `step`.
 
@@ -217,11 +228,7 @@ class OneCycleLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.boundaries = one_cycle_boundaries(
             self.total_steps, pct_start, three_phase
         )
-        self._anchors = (
-            (initial, maximal, initial, final)
-            if three_phase
-            else (initial, maximal, final)
-        )
+        self._anchors = one_cycle_anchors(initial, maximal, final, three_phase)
 
     def __call__(self, step):
         with keras.name_scope(self.name):
