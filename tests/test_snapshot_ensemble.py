@@ -645,7 +645,10 @@ def test_unknown_steps_per_epoch_raises(tmp_path):
 def test_learning_rate_schedule_optimizer_raises(tmp_path):
     model = _model()
     schedule = keras.optimizers.schedules.CosineDecay(0.1, 10)
-    model.compile(optimizer=keras.optimizers.SGD(schedule), loss="mse")
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule),
+        loss="sparse_categorical_crossentropy",
+    )
     with pytest.raises(ValueError, match="compiled with a `Learning"):
         _fit(model, [SnapshotEnsemble(2, MAX_LR, tmp_path)])
 

@@ -100,8 +100,7 @@ class CyclicLR(InStepLearningRateCallback):
     >>> y = x.sum(axis=1, keepdims=True)
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     >>> model.compile(keras.optimizers.SGD(momentum=0.9), loss="mse")
-    >>> clr = CyclicLR(base_lr=0.001, max_lr=0.01, step_size=4,
-    ...                base_momentum=0.85, max_momentum=0.95)
+    >>> clr = CyclicLR(base_lr=0.001, max_lr=0.01, step_size=4)
     >>> history = model.fit(x, y, batch_size=16, epochs=2, callbacks=[clr],
     ...                     verbose=0)
     >>> [round(lr, 5) for lr in history.history["learning_rate"]]
