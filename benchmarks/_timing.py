@@ -33,6 +33,27 @@ def interleaved_medians(candidates, repeats=7, warmup=2):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def fit_epoch_medians(models, x, y, batch_size, quick=False):
+    """Median time of one `fit` epoch of each compiled model, interleaved."""
+    return interleaved_medians(
+        {
+            name: (lambda m=m: m.fit(x, y, batch_size=batch_size, epochs=1,
+                                     verbose=0, shuffle=False))
+            for name, m in models.items()
+        },
+        repeats=3 if quick else 7,
+    )
+
+
+def main(run):
+    """Command line of a benchmark module: `[--quick]`, prints its table."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    print(markdown_table(run(parser.parse_args().quick)))
+
+
 def markdown_table(rows):
     """Formats benchmark rows (dicts with the same keys) as a markdown table."""
     if not rows:

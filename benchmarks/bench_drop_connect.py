@@ -6,7 +6,6 @@ of the same size, timed side by side in one run.
 Run: python benchmarks/bench_drop_connect.py [--quick]
 """
 
-import argparse
 import os
 import sys
 
@@ -15,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from _timing import interleaved_medians  # noqa: E402
-from _timing import markdown_table  # noqa: E402
+from _timing import fit_epoch_medians  # noqa: E402
+from _timing import main  # noqa: E402
 
 from keras_regkit.layers import DropConnectDense  # noqa: E402
 
@@ -45,14 +44,7 @@ def run(quick=False):
     rows = []
     for jit in (False, True):
         models = {"ours": _model(True, jit), "base": _model(False, jit)}
-        medians = interleaved_medians(
-            {
-                name: (lambda m=m: m.fit(x, y, batch_size=BATCH, epochs=1,
-                                         verbose=0, shuffle=False))
-                for name, m in models.items()
-            },
-            repeats=3 if quick else 7,
-        )
+        medians = fit_epoch_medians(models, x, y, BATCH, quick)
         rows.append(
             {
                 "technique": "DropConnectDense(1024), mask='batch', "
@@ -66,6 +58,4 @@ def run(quick=False):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    print(markdown_table(run(parser.parse_args().quick)))
+    main(run)

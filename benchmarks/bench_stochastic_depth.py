@@ -9,7 +9,6 @@ backward), and about a quarter of the blocks are closed on average
 Run: python benchmarks/bench_stochastic_depth.py [--quick]
 """
 
-import argparse
 import os
 import sys
 
@@ -18,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from _timing import interleaved_medians  # noqa: E402
-from _timing import markdown_table  # noqa: E402
+from _timing import fit_epoch_medians  # noqa: E402
+from _timing import main  # noqa: E402
 
 from keras_regkit.layers import StochasticDepth  # noqa: E402
 from keras_regkit.layers import linear_survival_probabilities  # noqa: E402
@@ -61,14 +60,7 @@ def run(quick=False):
     rows = []
     for jit in (False, True):
         models = {"ours": _model(True, jit), "base": _model(False, jit)}
-        medians = interleaved_medians(
-            {
-                name: (lambda m=m: m.fit(x, y, batch_size=BATCH, epochs=1,
-                                         verbose=0, shuffle=False))
-                for name, m in models.items()
-            },
-            repeats=3 if quick else 7,
-        )
+        medians = fit_epoch_medians(models, x, y, BATCH, quick)
         rows.append(
             {
                 "technique": f"StochasticDepth, {BLOCKS} Dense({WIDTH}) "
@@ -82,6 +74,4 @@ def run(quick=False):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    print(markdown_table(run(parser.parse_args().quick)))
+    main(run)
