@@ -109,6 +109,21 @@ def test_gaussian_inference_matches_monte_carlo_for_relu():
     assert np.abs(mean_inference - mc).mean() > np.abs(gaussian - mc).mean()
 
 
+@pytest.mark.parametrize("layer_cls, shape", [
+    (DropConnectDense, (6, 5)),
+    (DropConnectConv2D, (6, 5, 4, 2)),
+])
+def test_gaussian_inference_does_not_depend_on_the_batch(layer_cls, shape):
+    x = np.random.default_rng(3).normal(size=shape).astype("float32")
+    args = (3,) if layer_cls is DropConnectDense else (3, 2)
+    layer = layer_cls(*args, activation="relu", inference="gaussian", seed=2)
+    whole = _np(layer(x))
+    np.testing.assert_allclose(_np(layer(x[2:3])), whole[2:3], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(_np(layer(x[::-1])), whole[::-1], rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_gaussian_inference_deterministic_per_seed():
     x = np.random.default_rng(2).normal(size=(3, 5)).astype("float32")
     layer = DropConnectDense(4, activation="tanh", inference="gaussian",

@@ -118,8 +118,11 @@ class _DropConnectMixin:
         variance = variance * ((1.0 - keep) / keep)
         if self.activation in (None, keras.activations.linear):
             return ops.cast(mean, self.compute_dtype)
+        # One set of draws per output unit, shared by every example and
+        # position: each example's output then depends on that example
+        # alone, not on the batch it is served in.
         noise = keras.random.normal(
-            (self.gaussian_samples,) + tuple(ops.shape(mean)),
+            (self.gaussian_samples,) + self._bias_shape(len(mean.shape)),
             seed=self._inference_seed,
         )
         samples = mean[None] + ops.sqrt(variance)[None] * noise
