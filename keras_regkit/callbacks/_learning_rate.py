@@ -43,8 +43,13 @@ def sync_model_state(model):
 def read_iterations(optimizer):
     """Returns `optimizer.iterations` as a Python int."""
     # `int()` on the scalar is about 3x cheaper than a NumPy round trip, and
-    # this runs at every batch.
-    return int(optimizer.iterations)
+    # this runs at every batch. Under a `tf.distribute` strategy the variable
+    # is mirrored and has no `__int__`; its NumPy value is the same on every
+    # replica.
+    try:
+        return int(optimizer.iterations)
+    except TypeError:
+        return int(keras.ops.convert_to_numpy(optimizer.iterations))
 
 
 class IterationLearningRateCallback(keras.callbacks.Callback):
