@@ -12,6 +12,19 @@ def backend_is_tensorflow():
     return keras.backend.backend() == "tensorflow"
 
 
+# Two logical CPU devices for the `tf.distribute` tests. They must be made
+# before TensorFlow initializes its devices, so here, before any test runs;
+# ops still run on the first device unless a strategy spreads them.
+NUM_LOGICAL_CPUS = 2
+if backend_is_tensorflow():
+    import tensorflow as tf
+
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS,
+    )
+
+
 requires_tensorflow = pytest.mark.skipif(
     not backend_is_tensorflow(),
     reason="needs the TensorFlow backend (SavedModel export and serving)",

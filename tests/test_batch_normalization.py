@@ -4,6 +4,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import requires_tensorflow
 from keras import ops
 from layer_checks import run_layer_checks
 
@@ -263,11 +264,28 @@ def test_bad_moving_statistics():
         DebiasedBatchNormalization(moving_statistics="mean")
 
 
-def test_synchronized_is_refused():
-    with pytest.raises(
-        ValueError,
-        match=r"argument `synchronized`\. Expected False \(the debiasing "
-        r"factor .*\)\. Received: synchronized=True",
-    ):
-        DebiasedBatchNormalization(synchronized=True)
+@requires_tensorflow  # Keras refuses synchronized=True elsewhere.
+@pytest.mark.parametrize("masked", [False, True])
+def test_synchronized_on_one_device_equals_unsynchronized(masked):
+    # Its own two-pass moments (tests/test_distributed.py runs it on two
+    # replicas): on one device, the same statistics as the default path.
+    rng = np.random.default_rng(9)
+    x = rng.normal(3.0, 2.0, size=(4, 5, 3)).astype("float32")
+    mask = rng.random((4, 5)) > 0.3 if masked else None
+    outputs = []
+    for synchronized in (False, True):
+        layer = DebiasedBatchNormalization(
+            synchronized=synchronized, momentum=0.0
+        )
+        y = layer(x, training=True, mask=mask)
+        outputs.append((numpy(y), numpy(layer.moving_mean),
+                        numpy(layer.moving_variance)))
+    for a, b in zip(*outputs, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    values = x[mask] if masked else x.reshape(-1, 3)
+    np.testing.assert_allclose(
+        outputs[1][2], values.var(axis=0, ddof=1), rtol=1e-5
+    )
+    config = DebiasedBatchNormalization(synchronized=True).get_config()
+    assert config["synchronized"] is True
 

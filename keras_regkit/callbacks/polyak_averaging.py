@@ -7,6 +7,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_regkit._distribute import strategy_scope
 from keras_regkit._utils import argument_error
 from keras_regkit._utils import check_choice
 from keras_regkit.callbacks._learning_rate import sync_model_state
@@ -508,7 +509,11 @@ class PolyakAveraging(keras.callbacks.Callback):
                     "changed; the averages start afresh.",
                     stacklevel=2,
                 )
-            self._state = _AveragingState(sources, optimizer.iterations)
+            # In the strategy's scope, each replica keeps a copy of the
+            # averages and folds its (identical) weights in once per step;
+            # outside it, every replica would fold into one shared copy.
+            with strategy_scope(model):
+                self._state = _AveragingState(sources, optimizer.iterations)
             self._state_model = model
             self._sources = sources
             self._skipped_reported = 0

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_regkit._utils import argument_error
+from keras_regkit._distribute import cross_replica_sum
 from keras_regkit._utils import check_choice
 
 __all__ = ["DebiasedBatchNormalization"]
@@ -55,6 +55,18 @@ class DebiasedBatchNormalization(keras.layers.BatchNormalization):
     precision the statistics are computed and stored in float32, as in
     Keras.
 
+    **Distributed training.** With `synchronized=True` under a
+    `tf.distribute` strategy, the batch statistics are those of the global
+    batch, summed over the replicas (two cross-replica sums per layer and
+    step: the mean, then the squared deviations from it), and `m` counts the
+    values of every replica, so each replica normalizes and updates its
+    moving statistics exactly as one device would with the global batch.
+    With `synchronized=False` (default) each replica normalizes with its
+    own slice's statistics and `m` is that slice's count, as in Keras. On
+    one device both are the same. Keras accepts `synchronized=True` on the
+    TensorFlow backend only; on JAX, `keras.distribution` computes on the
+    global batch, so the statistics are global without it.
+
     With `renorm=True` (batch renormalization), the renorm statistics that
     set the corrections `r` and `d` are debiased in the same way, so that
     training matches the debiased inference normalization. Keras tracks a
@@ -70,9 +82,8 @@ class DebiasedBatchNormalization(keras.layers.BatchNormalization):
         *args, **kwargs: Every argument of `keras.layers.BatchNormalization`
             (`axis`, `momentum`, `epsilon`, `center`, `scale`, initializers,
             regularizers, constraints, `renorm`, `renorm_clipping`,
-            `renorm_momentum`), plus base layer keyword arguments.
-            `synchronized=True` is refused: `m` would have to count the
-            values of every replica.
+            `renorm_momentum`, `synchronized`), plus base layer keyword
+            arguments.
 
     Call arguments:
         inputs: Input tensor of any rank.
@@ -82,8 +93,7 @@ class DebiasedBatchNormalization(keras.layers.BatchNormalization):
             masked positions are left out of the statistics and of `m`.
 
     Raises:
-        ValueError: for an unknown `moving_statistics` or
-            `synchronized=True`.
+        ValueError: for an unknown `moving_statistics`.
 
     Example:
 
@@ -102,13 +112,6 @@ class DebiasedBatchNormalization(keras.layers.BatchNormalization):
     """
 
     def __init__(self, *args, moving_statistics="ema", **kwargs):
-        if kwargs.get("synchronized", False):
-            raise argument_error(
-                "synchronized",
-                "False (the debiasing factor m / (m - 1) needs the number of "
-                "values behind each statistic on every replica)",
-                kwargs["synchronized"],
-            )
         super().__init__(*args, **kwargs)
         self.moving_statistics = check_choice(
             "moving_statistics", moving_statistics, ("ema", "cumulative")
@@ -152,6 +155,33 @@ class DebiasedBatchNormalization(keras.layers.BatchNormalization):
             count = count * shape[axis]
         return ops.cast(count, "float32")
 
+    def _synchronized_moments(self, inputs, mask):
+        """Mean, biased variance and `m` over the replicas' global batch.
+
+        Two passes (the mean, then the squared deviations from it), each
+        with one cross-replica sum: the one-pass `E[x^2] - E[x]^2` loses the
+        variance to cancellation when the mean is large.
+        """
+        axes = self._reduction_axes
+        if mask is None:
+            weights = None
+            count = self._count(inputs, None)
+        else:
+            weights = ops.cast(ops.expand_dims(mask, -1), inputs.dtype)
+            count = ops.sum(ops.cast(mask, "float32"))
+
+        def weighted_sum(values):
+            if weights is not None:
+                values = values * weights
+            return ops.sum(values, axis=axes, keepdims=True)
+
+        total, count = cross_replica_sum([weighted_sum(inputs), count])
+        divisor = ops.cast(ops.maximum(count, 1.0), inputs.dtype)
+        mean = total / divisor
+        (squares,) = cross_replica_sum([weighted_sum(ops.square(inputs - mean))])
+        variance = squares / divisor
+        return ops.reshape(mean, (-1,)), ops.reshape(variance, (-1,)), count
+
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable):
             return super().call(inputs, training=False, mask=mask)
@@ -166,8 +196,11 @@ class DebiasedBatchNormalization(keras.layers.BatchNormalization):
         gamma = ops.cast(self.gamma, compute_dtype) if self.scale else None
         beta = ops.cast(self.beta, compute_dtype) if self.center else None
 
-        mean, variance = self._moments(inputs, mask)
-        count = self._count(inputs, mask)
+        if self.synchronized:
+            mean, variance, count = self._synchronized_moments(inputs, mask)
+        else:
+            mean, variance = self._moments(inputs, mask)
+            count = self._count(inputs, mask)
         update = ops.greater(count, 1.0)
         unbiased = variance * (count / ops.maximum(count - 1.0, 1.0))
 

@@ -5,6 +5,8 @@ import math
 import keras
 from keras import ops
 
+from keras_regkit._distribute import batch_uniform
+from keras_regkit._distribute import replica_position
 from keras_regkit._utils import argument_error
 from keras_regkit._utils import check_choice
 from keras_regkit._utils import check_float_in_range
@@ -74,8 +76,12 @@ class _DropConnectMixin:
                 "Received: mask='sample'"
             )
 
-    def _keep_mask(self, shape, dtype):
-        keep = keras.random.uniform(shape, seed=self.seed_generator) >= self.rate
+    def _keep_mask(self, shape, dtype, per_example=False):
+        if per_example:
+            draws = batch_uniform(shape, self.seed_generator)
+        else:
+            draws = keras.random.uniform(shape, seed=self.seed_generator)
+        keep = draws >= self.rate
         return ops.cast(keep, dtype) / ops.cast(1.0 - self.rate, dtype)
 
     def _bias_term(self, ndim):
@@ -89,15 +95,24 @@ class _DropConnectMixin:
             mask = self._keep_mask(kernel.shape, kernel.dtype)
             outputs = self._linear(inputs, kernel * mask)
         else:
-            self._check_sample_mask_size(inputs.shape[0])
+            batch_size = inputs.shape[0]
+            position = replica_position()
+            if position is not None and batch_size is not None:
+                # Each replica draws the masks of the global batch.
+                batch_size = batch_size * position[1]
+            self._check_sample_mask_size(batch_size)
             batch = ops.shape(inputs)[0]
-            masks = self._keep_mask((batch,) + tuple(kernel.shape), kernel.dtype)
+            masks = self._keep_mask(
+                (batch,) + tuple(kernel.shape), kernel.dtype, per_example=True
+            )
             outputs = self._per_sample_linear(inputs, masks * kernel)
             bias_mask_shape = (batch,) + bias_mask_shape[1:]
         if self.use_bias:
             bias = self._bias_term(ndim)
             if self.drop_bias:
-                bias = bias * self._keep_mask(bias_mask_shape, bias.dtype)
+                bias = bias * self._keep_mask(
+                    bias_mask_shape, bias.dtype, self.mask == "sample"
+                )
             outputs = outputs + bias
         return outputs
 
@@ -153,7 +168,11 @@ _CLASS_DOC_COMMON = """
             `(batch,) + kernel.shape` mask, so memory grows as batch x kernel
             size, and it is refused where that exceeds
             `MAX_SAMPLE_MASK_ELEMENTS` (2**27 values, 512 MiB in float32) for
-            a known batch size. Defaults to `"batch"`.
+            a known batch size. Under a `tf.distribute` strategy, both
+            modes draw on every replica what one device draws for the
+            global batch (the shared mask; or the global batch's masks, of
+            which each replica keeps its own examples' rows, so the limit
+            then applies to the global batch). Defaults to `"batch"`.
         inference: `"mean"` uses the plain kernel (exact in expectation
             because training rescales kept weights by `1 / (1 - rate)`).
             `"gaussian"` is the paper's moment-matched inference: the

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_regkit._distribute import batch_uniform
 from keras_regkit._utils import check_float_in_range
 
 __all__ = ["DropPath"]
@@ -23,6 +24,10 @@ class DropPath(keras.layers.Layer):
     Unlike `StochasticDepth`, the branch is still computed for the batch
     (other examples need it); the saving is in regularization, not time.
     This is not DropConnect, which drops individual weights.
+
+    Under a `tf.distribute` strategy each replica keeps its slice of the
+    mask drawn for the global batch, so the examples of different replicas
+    get independent gates, exactly those one device would draw.
 
     Args:
         rate: float in [0, 1). Probability of dropping an example's branch.
@@ -60,7 +65,7 @@ class DropPath(keras.layers.Layer):
             return inputs
         keep = 1.0 - self.rate
         shape = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 1)
-        mask = keras.random.uniform(shape, seed=self.seed_generator) < keep
+        mask = batch_uniform(shape, self.seed_generator) < keep
         return inputs * ops.cast(mask, inputs.dtype) / ops.cast(
             keep, inputs.dtype
         )

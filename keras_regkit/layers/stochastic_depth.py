@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_regkit._distribute import replica_position
 from keras_regkit._utils import argument_error
 from keras_regkit._utils import check_float_in_range
 
@@ -66,7 +67,11 @@ class StochasticDepth(keras.layers.Layer):
     since JAX's `cond` cannot return Keras state updates from a branch: the
     output is the same, the saving in time is not, and the branch's
     batch-norm statistics also move on steps whose gate is closed. Stateless
-    branches are skipped on every backend.
+    branches are skipped on every backend. The same holds under a
+    `tf.distribute` strategy for a branch that synchronizes the replicas
+    (`synchronized=True` batch normalization), because TensorFlow cannot
+    synchronize inside a conditional. The gate itself is drawn once per
+    global batch: every replica draws the same `b`, as one device would.
 
     The wrapper works inside `keras.Sequential`: put the blocks in a list, a
     `StochasticDepth` each. For a per-example gate (the form used by modern
@@ -141,6 +146,14 @@ class StochasticDepth(keras.layers.Layer):
             outputs = layer(outputs, training=training)
         return outputs
 
+    def _synchronizes(self):
+        """Whether a layer of the branch sums over replicas in training."""
+        return any(
+            getattr(sublayer, "synchronized", False)
+            for layer in self.block
+            for sublayer in layer._flatten_layers(include_self=True)
+        )
+
     def call(self, inputs, training=None):
         if not training:
             return inputs + self.survival_probability * self._branch(
@@ -152,12 +165,14 @@ class StochasticDepth(keras.layers.Layer):
             keras.random.uniform((), seed=self.seed_generator)
             < self.survival_probability
         )
-        if keras.backend.backend() == "jax" and any(
-            layer.non_trainable_variables for layer in self.block
-        ):
+        if (
+            keras.backend.backend() == "jax"
+            and any(layer.non_trainable_variables for layer in self.block)
+        ) or (replica_position() is not None and self._synchronizes()):
             # JAX's cond can't carry Keras state updates (batch-norm
-            # statistics, seed generators) out of a branch: compute the
-            # branch and gate it instead.
+            # statistics, seed generators) out of a branch, and TensorFlow
+            # can't synchronize replicas inside one: compute the branch and
+            # gate it instead.
             branch = self._branch(inputs, training)
             return inputs + ops.cast(gate, branch.dtype) * branch
         return ops.cond(
