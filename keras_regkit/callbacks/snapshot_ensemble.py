@@ -713,11 +713,17 @@ def snapshot_ensemble_model(
     for member in members:
         output = member(inputs)
         if average == "probabilities" and from_logits:
+            # In float32 whatever the global policy: a float16 softmax and
+            # average would round the members' float32 outputs.
             output = keras.tree.map_structure(
-                lambda t: keras.layers.Softmax(axis=-1)(t), output
+                lambda t: keras.layers.Softmax(axis=-1, dtype="float32")(t),
+                output,
             )
         outputs.append(output)
     flat = [keras.tree.flatten(output) for output in outputs]
-    averaged = [keras.layers.Average()(list(group)) for group in zip(*flat)]
+    averaged = [
+        keras.layers.Average(dtype="float32")(list(group))
+        for group in zip(*flat)
+    ]
     outputs = keras.tree.pack_sequence_as(outputs[0], averaged)
     return keras.Model(inputs, outputs, name=name)
