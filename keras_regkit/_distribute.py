@@ -13,7 +13,9 @@ copy of every variable. Three things then need the replicas' view:
   `cross_replica_sum`;
 - state that a callback creates during `fit` must be created in the
   strategy's scope, so that each replica updates its own copy once per step
-  instead of all replicas updating one variable: `strategy_scope`.
+  instead of all replicas updating one variable: `strategy_scope`;
+- under `MultiWorkerMirroredStrategy` every worker runs the callbacks, and
+  only one, the chief, should write files: `is_chief`.
 
 Keras 3 has no backend-neutral API for the replica id or a cross-replica
 sum inside a step; its own synchronized batch normalization calls
@@ -31,6 +33,7 @@ from keras import ops
 __all__ = [
     "batch_uniform",
     "cross_replica_sum",
+    "is_chief",
     "replica_position",
     "strategy_scope",
 ]
@@ -103,3 +106,17 @@ def strategy_scope(model):
     if keras.backend.backend() != "tensorflow" or strategy is None:
         return contextlib.nullcontext()
     return strategy.scope()
+
+
+def is_chief(model):
+    """Whether this process should write the files a callback saves.
+
+    False only on the non-chief workers of a multi-worker strategy (they
+    hold the same weights as the chief, and writing from each of them would
+    race on a shared directory). True on one device, under
+    `MirroredStrategy`, and on backends other than TensorFlow.
+    """
+    strategy = getattr(model, "distribute_strategy", None)
+    if keras.backend.backend() != "tensorflow" or strategy is None:
+        return True
+    return bool(strategy.extended.should_checkpoint)

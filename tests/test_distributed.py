@@ -5,7 +5,8 @@ and on two replicas (the two logical CPUs `conftest.py` makes), with the
 same global batch, and compares every variable afterwards: weights, batch-
 norm statistics, averages. The stated tolerance is `ATOL = 1e-5`: the runs
 differ only in the order of float32 sums (gradients are summed over the
-replicas, batch statistics over the slices), about 1e-7 here. Anything
+replicas, batch statistics over the slices), about 1e-7 here; under
+`mixed_float16` it is `MIXED_PRECISION_ATOL = 1e-2` (float16 rounding). Anything
 drawn per replica instead of once per global batch (a mask, a gate, a
 pooling sequence), taken once per replica (an average, a snapshot), or
 normalized by one replica's count (debiased batch norm's `m`) misses it by
@@ -39,6 +40,7 @@ from keras_regkit.layers import StochasticDepth
 pytestmark = requires_tensorflow
 
 ATOL = 1e-5
+MIXED_PRECISION_ATOL = 1e-2
 BATCH = 16
 EPOCHS = 2
 
@@ -108,13 +110,13 @@ def _train_both(strategy, build, x, y, callbacks=None, tmp_path=None, **fit):
     return models[0], models[1], used
 
 
-def _assert_same_variables(single, mirrored):
+def _assert_same_variables(single, mirrored, atol=ATOL):
     assert len(single.weights) == len(mirrored.weights)
     for a, b in zip(single.weights, mirrored.weights, strict=True):
         np.testing.assert_allclose(
             keras.ops.convert_to_numpy(b),
             keras.ops.convert_to_numpy(a),
-            atol=ATOL,
+            atol=atol,
             err_msg=f"variable {a.path} differs on two replicas",
         )
 
@@ -168,19 +170,41 @@ LAYER_CASES = {
             synchronized=True, moving_statistics="cumulative", renorm=True
         ),
     ),
+    "mixed_float16": lambda: _under_mixed_precision(
+        lambda: _classifier(
+            DebiasedBatchNormalization(synchronized=True),
+            "flatten",
+            DropPath(0.5, seed=3),
+        )
+    ),
 }
+
+
+def _under_mixed_precision(build):
+    """Builds (and compiles, with loss scaling) under `mixed_float16`."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        return build()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_layer_trains_on_two_replicas_as_on_one_device(strategy, case):
     x, y = _images()
     single, mirrored, _ = _train_both(strategy, LAYER_CASES[case], x, y)
-    _assert_same_variables(single, mirrored)
+    # In float16 a kernel run on 8 examples instead of 16 may round an
+    # activation differently (by 2**-11 relative); over 8 steps with
+    # momentum the weights drift apart by about 2e-3.
+    atol = MIXED_PRECISION_ATOL if case == "mixed_float16" else ATOL
+    _assert_same_variables(single, mirrored, atol)
     # The seed state advanced once per step, not once per replica.
     for a, b in zip(_seed_states(single), _seed_states(mirrored), strict=True):
         np.testing.assert_array_equal(b, a)
     np.testing.assert_allclose(
-        mirrored.predict(x, verbose=0), single.predict(x, verbose=0), atol=1e-4
+        mirrored.predict(x, verbose=0),
+        single.predict(x, verbose=0),
+        atol=max(1e-4, atol),
     )
 
 
@@ -445,3 +469,81 @@ def test_recompute_and_fractional_pooling_average_on_two_replicas(strategy):
     for a, b in zip(outputs[0][0], outputs[1][0], strict=True):
         np.testing.assert_allclose(b, a, atol=ATOL)
     np.testing.assert_allclose(outputs[1][1], outputs[0][1], atol=1e-5)
+
+
+# What Keras 3 (3.15 here) raises in `fit` under MultiWorkerMirroredStrategy:
+# it reduces the first batch across workers eagerly to build the model.
+KNOWN_KERAS_MULTI_WORKER_FAILURE = "Attempt to convert a value (PerReplica"
+
+
+def _free_ports(count):
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_training_matches_one_device(tmp_path):
+    # Two processes, a chief and a worker, on localhost: the README's
+    # MultiWorkerMirroredStrategy recipe with TF_CONFIG. Both end with the
+    # single-device weights and averages, and only the chief writes
+    # snapshots.
+    import os
+    import subprocess
+    import sys
+
+    import multi_worker_job
+
+    cluster = {
+        "chief": [f"localhost:{_free_ports(1)[0]}"],
+        "worker": [f"localhost:{_free_ports(1)[0]}"],
+    }
+    processes = []
+    for task in ({"type": "chief", "index": 0}, {"type": "worker", "index": 0}):
+        name = task["type"]
+        env = {
+            **os.environ,
+            "KERAS_BACKEND": "tensorflow",
+            "TF_CONFIG": json.dumps({"cluster": cluster, "task": task}),
+        }
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    multi_worker_job.__file__,
+                    str(tmp_path / "snapshots"),
+                    str(tmp_path / f"{name}.npz"),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    failed = [o for p, o in zip(processes, outputs) if p.returncode != 0]
+    if failed and all(KNOWN_KERAS_MULTI_WORKER_FAILURE in o for o in failed):
+        pytest.xfail(
+            "Keras's own fit fails under MultiWorkerMirroredStrategy before "
+            "the first step (keras-team/keras#20585); this test passes once "
+            "Keras fixes it"
+        )
+    assert not failed, failed[0][-3000:]
+
+    expected = multi_worker_job.train(
+        multi_worker_job.build_model(), tmp_path / "single"
+    )
+    for name in ("chief", "worker"):
+        with np.load(tmp_path / f"{name}.npz") as arrays:
+            got = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+        assert len(got) == len(expected)
+        for a, b in zip(expected, got, strict=True):
+            np.testing.assert_allclose(b, a, atol=ATOL, err_msg=name)
+    written = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert "manifest.json" in written

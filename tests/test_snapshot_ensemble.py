@@ -701,3 +701,30 @@ def test_docstring_examples_run():
     results = doctest.testmod(snapshot_ensemble, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0
     assert results.failed == 0
+
+
+def test_only_the_chief_worker_writes(tmp_path, monkeypatch):
+    # Under MultiWorkerMirroredStrategy every worker runs the callback with
+    # the same weights; the non-chief ones train the same schedule but
+    # write to a private directory, removed when training ends.
+    monkeypatch.setattr(snapshot_ensemble, "is_chief", lambda model: False)
+    worker_model, chief_model = _model(), _model()
+    temporary = []
+    worker = SnapshotEnsemble(2, 0.5, tmp_path / "shared")
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            temporary.append(worker._files)
+            assert len(os.listdir(worker._files)) > 0
+
+    _fit(worker_model, [Spy(), worker])  # Spy ends first.
+    assert os.listdir(tmp_path / "shared") == []
+    assert temporary[0] != str(tmp_path / "shared")
+    assert not os.path.exists(temporary[0])
+    monkeypatch.undo()
+    _fit(chief_model, [SnapshotEnsemble(2, 0.5, tmp_path / "chief")])
+    assert len(_manifest(tmp_path / "chief")["snapshots"]) == 2
+    for a, b in zip(
+        worker_model.get_weights(), chief_model.get_weights(), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)

@@ -5,6 +5,8 @@ import math
 import numbers
 import os
 import re
+import shutil
+import tempfile
 import warnings
 import zipfile
 
@@ -12,6 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_regkit._distribute import is_chief
 from keras_regkit._utils import argument_error
 from keras_regkit._utils import atomic_path
 from keras_regkit._utils import atomic_write_text
@@ -276,6 +279,7 @@ class SnapshotEnsemble(IterationLearningRateCallback):
                 "directory", "a non-empty path (str or os.PathLike)", directory
             )
         self.directory = os.fspath(directory)
+        self._files = self.directory  # Where this process writes.
         self._offset = None
         self._entries = []
 
@@ -347,6 +351,14 @@ class SnapshotEnsemble(IterationLearningRateCallback):
                 self.cycles,
             )
         self._check_directory()
+        # Under MultiWorkerMirroredStrategy every worker runs this callback
+        # with the same weights; only the chief writes to `directory`, the
+        # others to a private directory removed at the end of training.
+        self._files = (
+            self.directory
+            if is_chief(self.model)
+            else tempfile.mkdtemp(prefix="snapshot_ensemble_worker_")
+        )
         try:
             self._architecture = self.model.to_json(sort_keys=True)
         except Exception as e:
@@ -358,7 +370,7 @@ class SnapshotEnsemble(IterationLearningRateCallback):
                 "a `get_config()` and register it with "
                 "`@keras.saving.register_keras_serializable()`."
             ) from e
-        _read_manifest(self.directory)
+        _read_manifest(self._files)
         self._steps_per_epoch = steps
         self._total_iterations = total
         self._boundaries = _cycle_boundaries(total, self.cycles)
@@ -369,9 +381,9 @@ class SnapshotEnsemble(IterationLearningRateCallback):
         self._warn_if_misaligned(steps)
 
     def _check_directory(self):
-        probe = os.path.join(self.directory, _WRITE_CHECK)
+        probe = os.path.join(self._files, _WRITE_CHECK)
         try:
-            os.makedirs(self.directory, exist_ok=True)
+            os.makedirs(self._files, exist_ok=True)
             atomic_write_text(probe, "")
             os.remove(probe)
         except OSError as e:
@@ -411,7 +423,7 @@ class SnapshotEnsemble(IterationLearningRateCallback):
         self._resume(resumed)
 
     def _resume(self, resumed):
-        manifest = _read_manifest(self.directory)
+        manifest = _read_manifest(self._files)
         found = [] if manifest is None else manifest["snapshots"]
         same_run = manifest is not None and (
             manifest.get("cycles"),
@@ -428,7 +440,7 @@ class SnapshotEnsemble(IterationLearningRateCallback):
             )
             warnings.warn(
                 f"SnapshotEnsemble: discarding {len(dropped)} snapshot(s) in "
-                f"{self.directory!r} (cycles "
+                f"{self._files!r} (cycles "
                 f"{[e['cycle'] for e in dropped]}) {reason}.",
                 stacklevel=2,
             )
@@ -443,11 +455,11 @@ class SnapshotEnsemble(IterationLearningRateCallback):
 
     def _remove_unlisted_files(self):
         listed = {e["file"] for e in self._entries}
-        for name in os.listdir(self.directory):
+        for name in os.listdir(self._files):
             unlisted = _SNAPSHOT_FILE.fullmatch(name) and name not in listed
             if unlisted or _OWN_TEMPORARY.match(name):
                 try:
-                    os.remove(os.path.join(self.directory, name))
+                    os.remove(os.path.join(self._files, name))
                 except OSError:
                     pass
 
@@ -466,7 +478,7 @@ class SnapshotEnsemble(IterationLearningRateCallback):
             "snapshots": self._entries,
         }
         atomic_write_text(
-            os.path.join(self.directory, MANIFEST_FILENAME),
+            os.path.join(self._files, MANIFEST_FILENAME),
             json.dumps(manifest, indent=1),
         )
 
@@ -514,13 +526,13 @@ class SnapshotEnsemble(IterationLearningRateCallback):
     def _take_snapshot(self, cycle, done):
         if not self._architecture_written:
             atomic_write_text(
-                os.path.join(self.directory, ARCHITECTURE_FILENAME),
+                os.path.join(self._files, ARCHITECTURE_FILENAME),
                 self._architecture,
             )
             self._architecture_written = True
         filename = _snapshot_filename(cycle)
         try:
-            with atomic_path(os.path.join(self.directory, filename)) as tmp:
+            with atomic_path(os.path.join(self._files, filename)) as tmp:
                 _write_weights(tmp, self.model.weights)
         except _NonFiniteWeights as e:
             warnings.warn(
@@ -546,7 +558,7 @@ class SnapshotEnsemble(IterationLearningRateCallback):
             print(
                 f"\nSnapshotEnsemble: saved snapshot {len(self._entries)} "
                 f"(cycle {cycle}, iteration {done}) to "
-                f"{os.path.join(self.directory, filename)}."
+                f"{os.path.join(self._files, filename)}."
             )
 
     def on_epoch_end(self, epoch, logs=None):
@@ -568,11 +580,14 @@ class SnapshotEnsemble(IterationLearningRateCallback):
             logs["snapshots"] = len(self._entries)
 
     def on_train_end(self, logs=None):
+        if self._files != self.directory:
+            shutil.rmtree(self._files, ignore_errors=True)
+            self._files = self.directory
         if self._offset is not None and self._next_cycle <= self.cycles:
             warnings.warn(
                 f"SnapshotEnsemble: training stopped before cycle "
                 f"{self._next_cycle} of {self.cycles} ended; "
-                f"{self.directory!r} holds {len(self._entries)} snapshot(s).",
+                f"{self._files!r} holds {len(self._entries)} snapshot(s).",
                 stacklevel=2,
             )
         self._offset = None
