@@ -14,15 +14,17 @@ copy of every variable. Three things then need the replicas' view:
 - state that a callback creates during `fit` must be created in the
   strategy's scope, so that each replica updates its own copy once per step
   instead of all replicas updating one variable: `strategy_scope`;
-- under `MultiWorkerMirroredStrategy` every worker runs the callbacks, and
-  only one, the chief, should write files: `is_chief`.
+- under `MultiWorkerMirroredStrategy` (or a multi-process JAX run) every
+  worker runs the callbacks, and only one, the chief, should write files:
+  `is_chief`.
 
 Keras 3 has no backend-neutral API for the replica id or a cross-replica
 sum inside a step; its own synchronized batch normalization calls
 `tf.distribute` from its TensorFlow backend. These helpers do the same, and
 only when Keras runs on TensorFlow, which Keras has then already imported.
-Everywhere else they are identities: on one device, and on JAX, whose
-`keras.distribution` API traces one program over the global batch.
+Everywhere else the first three are identities: on one device, and on JAX,
+whose `keras.distribution` API traces one program over the global batch, so
+draws and statistics are already those of the global batch.
 """
 
 import contextlib
@@ -111,12 +113,18 @@ def strategy_scope(model):
 def is_chief(model):
     """Whether this process should write the files a callback saves.
 
-    False only on the non-chief workers of a multi-worker strategy (they
-    hold the same weights as the chief, and writing from each of them would
-    race on a shared directory). True on one device, under
-    `MirroredStrategy`, and on backends other than TensorFlow.
+    False only on the non-chief workers of a multi-worker strategy, and on
+    the JAX processes other than process 0 of a multi-process
+    `keras.distribution` run: they hold the same weights as the chief, and
+    writing from each of them would race on a shared directory. True on one
+    machine.
     """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax  # The JAX backend has imported it.
+
+        return jax.process_index() == 0
     strategy = getattr(model, "distribute_strategy", None)
-    if keras.backend.backend() != "tensorflow" or strategy is None:
+    if backend != "tensorflow" or strategy is None:
         return True
     return bool(strategy.extended.should_checkpoint)

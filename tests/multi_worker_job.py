@@ -1,4 +1,7 @@
-"""One worker of the two-process `MultiWorkerMirroredStrategy` test.
+"""The training job of the multi-device tests, and one worker of them.
+
+`build_model` and `train` are shared by the `MultiWorkerMirroredStrategy`
+test and the JAX `keras.distribution` test (`jax_data_parallel_job.py`).
 
 `tests/test_distributed.py` starts two of these with a `TF_CONFIG` naming
 both (a chief and a worker on localhost), as the README's recipe does on
@@ -13,10 +16,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from keras_regkit.callbacks import CyclicLR  # noqa: E402
 from keras_regkit.callbacks import PolyakAveraging  # noqa: E402
 from keras_regkit.callbacks import SnapshotEnsemble  # noqa: E402
 from keras_regkit.layers import DebiasedBatchNormalization  # noqa: E402
+from keras_regkit.layers import DropConnectDense  # noqa: E402
 from keras_regkit.layers import DropPath  # noqa: E402
+from keras_regkit.layers import StochasticDepth  # noqa: E402
 
 GLOBAL_BATCH = 16
 EPOCHS = 4
@@ -28,12 +34,16 @@ def data():
     return x, rng.integers(0, 3, size=(64,))
 
 
-def build_model():
+def build_model(synchronized=True):
+    """`synchronized=False` for JAX, where Keras refuses it (and where
+    `keras.distribution` computes batch statistics on the global batch)."""
     keras.utils.set_random_seed(1)
     inputs = keras.Input((6,))
     x = keras.layers.Dense(8)(inputs)
-    x = DebiasedBatchNormalization(synchronized=True)(x)
+    x = DebiasedBatchNormalization(synchronized=synchronized)(x)
     x = x + DropPath(0.3, seed=3)(keras.layers.Dense(8)(x))
+    x = StochasticDepth(keras.layers.Dense(8), 0.5, seed=4)(x)
+    x = DropConnectDense(8, mask="sample", seed=5)(x)
     model = keras.Model(inputs, keras.layers.Dense(3)(x))
     model.compile(
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
@@ -53,7 +63,11 @@ def train(model, snapshot_dir):
         epochs=EPOCHS,
         shuffle=False,
         verbose=0,
-        callbacks=[averaging, SnapshotEnsemble(2, 0.1, snapshot_dir)],
+        callbacks=[
+            averaging,
+            SnapshotEnsemble(2, 0.1, snapshot_dir),
+            CyclicLR(0.01, 0.1, step_size=3),
+        ],
     )
     return model.get_weights() + averaging.get_averages()
 
