@@ -36,6 +36,7 @@ from keras_regkit.layers import DropPath
 from keras_regkit.layers import FractionalMaxPooling2D
 from keras_regkit.layers import FractionalPoolingAverage
 from keras_regkit.layers import StochasticDepth
+from keras_regkit.schedules import CyclicalLearningRate
 
 pytestmark = requires_tensorflow
 
@@ -150,15 +151,14 @@ LAYER_CASES = {
             seed=3,
         ),
     ),
-    "drop_path": lambda: _classifier(
-        "flatten", DropPath(0.5, seed=3)
-    ),
+    "drop_path": lambda: _classifier("flatten", DropPath(0.5, seed=3)),
     "fractional_max_pooling_pseudo_random": lambda: _classifier(
         FractionalMaxPooling2D(1.5, seed=3)
     ),
     "fractional_max_pooling_random": lambda: _classifier(
-        FractionalMaxPooling2D(1.7, pseudo_random=False, overlapping=False,
-                               seed=3)
+        FractionalMaxPooling2D(
+            1.7, pseudo_random=False, overlapping=False, seed=3
+        )
     ),
     "debiased_batch_norm_synchronized": lambda: _classifier(
         DebiasedBatchNormalization(synchronized=True, momentum=0.5),
@@ -330,17 +330,26 @@ def _plain():
 
 
 def _with_batch_norm():
-    return _classifier(
-        DebiasedBatchNormalization(synchronized=True), "flatten"
+    return _classifier(DebiasedBatchNormalization(synchronized=True), "flatten")
+
+
+def _with_cyclical_schedule():
+    model = _plain()
+    model.compile(
+        optimizer=keras.optimizers.SGD(CyclicalLearningRate(0.01, 0.1, 3)),
+        loss=model.loss,
     )
+    return model
 
 
 CALLBACK_CASES = {
+    "cyclical_learning_rate_schedule": (_with_cyclical_schedule, None),
     "cyclic_lr_with_momentum": (
         _plain,
         lambda _: [
-            CyclicLR(0.01, 0.1, step_size=3, base_momentum=0.8,
-                     max_momentum=0.95)
+            CyclicLR(
+                0.01, 0.1, step_size=3, base_momentum=0.8, max_momentum=0.95
+            )
         ],
     ),
     "one_cycle": (_plain, lambda _: [OneCycle(0.1, total_steps=8)]),
@@ -381,7 +390,7 @@ def test_callback_trains_on_two_replicas_as_on_one_device(
         strategy, build, x, y, callbacks=callbacks, tmp_path=tmp_path
     )
     _assert_same_variables(single, mirrored)
-    if isinstance(used[0][0], PolyakAveraging):
+    if used[0] and isinstance(used[0][0], PolyakAveraging):
         one, two = (made[0] for made in used)
         assert two.num_averaged == one.num_averaged > 0
         for a, b in zip(one.get_averages(), two.get_averages(), strict=True):
@@ -395,8 +404,9 @@ def test_snapshots_are_taken_once_not_per_replica(strategy, tmp_path):
         _plain,
         x,
         y,
-        callbacks=lambda d: [SnapshotEnsemble(cycles=2, max_lr=0.1,
-                                              directory=d)],
+        callbacks=lambda d: [
+            SnapshotEnsemble(cycles=2, max_lr=0.1, directory=d)
+        ],
         tmp_path=tmp_path,
         epochs=4,
     )
@@ -430,7 +440,13 @@ def test_lr_range_test_on_two_replicas(strategy):
             model = _plain()
         before = model.get_weights()
         test = lr_range_test(
-            model, x, y, batch_size=BATCH, min_lr=1e-4, max_lr=1.0, steps=8,
+            model,
+            x,
+            y,
+            batch_size=BATCH,
+            min_lr=1e-4,
+            max_lr=1.0,
+            steps=8,
             shuffle=False,
         )
         for a, b in zip(before, model.get_weights(), strict=True):

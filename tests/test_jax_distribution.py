@@ -33,7 +33,9 @@ def test_data_parallel_on_two_devices_matches_one_device(tmp_path):
     arrays = {}
     for name in ("single", "parallel"):
         with np.load(tmp_path / f"{name}.npz") as loaded:
-            arrays[name] = [loaded[f"arr_{i}"] for i in range(len(loaded.files))]
+            arrays[name] = [
+                loaded[f"arr_{i}"] for i in range(len(loaded.files))
+            ]
     assert len(arrays["single"]) == len(arrays["parallel"]) > 0
     for a, b in zip(arrays["single"], arrays["parallel"], strict=True):
         np.testing.assert_allclose(b, a, atol=1e-5)

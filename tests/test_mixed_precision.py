@@ -32,6 +32,7 @@ from keras_regkit.layers import DropPath
 from keras_regkit.layers import FractionalMaxPooling2D
 from keras_regkit.layers import FractionalPoolingAverage
 from keras_regkit.layers import StochasticDepth
+from keras_regkit.schedules import CyclicalLearningRate
 
 
 @pytest.fixture(autouse=True)
@@ -150,6 +151,18 @@ def test_cyclic_schedules_drive_the_wrapped_optimizer():
         atol=1e-6,  # differences of float32 weights near 1
     )
 
+    model = probe_model(
+        keras.optimizers.SGD(CyclicalLearningRate(0.01, 0.2, 4))
+    )
+    recorder = BatchRecorder()
+    fit_probe(model, 7, 2, [recorder])
+    np.testing.assert_allclose(
+        recorder.applied_rates(),
+        cyclic_reference(range(14), 0.01, 0.2, 4),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
     model = probe_model(keras.optimizers.SGD(0.5))
     recorder = BatchRecorder()
     one_cycle = OneCycle(
@@ -180,15 +193,22 @@ def test_cyclic_schedules_drive_the_wrapped_optimizer():
         ),
         lambda: BatchNormStatistics(_images()[0], batch_size=16),
     ],
-    ids=["cyclic_lr", "one_cycle", "one_cycle_rate_only", "polyak_ema", "swa_recompute",
-         "batch_norm_statistics"],
+    ids=[
+        "cyclic_lr",
+        "one_cycle",
+        "one_cycle_rate_only",
+        "polyak_ema",
+        "swa_recompute",
+        "batch_norm_statistics",
+    ],
 )
 def test_callback_trains_and_exports_in_mixed_precision(make, tmp_path):
     model = _classifier(DebiasedBatchNormalization(), "flatten")
     callback = make()
-    if keras.backend.backend() == "jax" and getattr(
-        callback, "base_momentum", None
-    ) is not None:
+    if (
+        keras.backend.backend() == "jax"
+        and getattr(callback, "base_momentum", None) is not None
+    ):
         pytest.skip("momentum cycling needs the TensorFlow backend")
     x, y = _images()
     history = model.fit(
@@ -216,7 +236,9 @@ def test_snapshots_are_float32_and_the_ensemble_exports(tmp_path):
         verbose=0,
         callbacks=[SnapshotEnsemble(2, 0.1, tmp_path / "snapshots")],
     )
-    manifest = json.loads((tmp_path / "snapshots" / "manifest.json").read_text())
+    manifest = json.loads(
+        (tmp_path / "snapshots" / "manifest.json").read_text()
+    )
     assert len(manifest["snapshots"]) == 2
     for path in sorted((tmp_path / "snapshots").glob("*.npz")):
         with np.load(path) as arrays:

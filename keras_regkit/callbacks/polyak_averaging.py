@@ -251,6 +251,9 @@ class PolyakAveraging(keras.callbacks.Callback):
     (as `initial_epoch` and `BackupAndRestore` number them). The train step
     is unwrapped when `fit` returns; a `fit` that raises leaves it wrapped
     until the next `fit` with a `PolyakAveraging` callback on that model.
+    Under a `tf.distribute` strategy the state is created in the strategy's
+    scope: each replica folds its copy of the (identical) weights into its
+    copy of the averages once per step, so the averages equal one device's.
 
     Args:
         decay: float in (0, 1), or `None`. The EMA decay `d`; `None` takes

@@ -191,7 +191,10 @@ class SnapshotEnsemble(IterationLearningRateCallback):
     manifest that lists it, so a crash never leaves a corrupt snapshot
     listed. A snapshot whose weights are not all finite is not saved, with
     a warning. Snapshots live on disk: nothing beyond the model's weights
-    is held in memory.
+    is held in memory. In a multi-worker run (`MultiWorkerMirroredStrategy`,
+    or several JAX processes) only the chief writes to `directory`; the
+    other workers, which hold the same weights, write to a private
+    temporary directory removed at the end of training.
 
     Runs. A `fit` run that starts at epoch 0 is a new run: it discards the
     snapshots found in `directory` (with a warning). A run resumed at epoch
