@@ -73,7 +73,9 @@ def batch_uniform(shape, seed):
     `(R * B,) + shape[1:]` (every replica draws the same values: the seed
     state is mirrored), of which replica `r` keeps rows `r * B` to
     `(r + 1) * B`. The global batch thus gets the values one device would
-    draw for it, at `R` times the random-number cost per replica.
+    draw for it, at `R` times the random-number cost per replica. A last
+    global batch that does not split evenly (replicas with `B` and `B - 1`
+    examples) is the exception: two of its examples may share draws.
     """
     position = replica_position()
     if position is None:
