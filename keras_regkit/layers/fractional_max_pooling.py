@@ -520,7 +520,8 @@ class FractionalPoolingAverage(keras.Model):
 
     In training (`training=True`, e.g. inside `fit`) the wrapper simply
     calls `model` once: fitting the wrapper or the model trains the same
-    weights.
+    weights. Wrapping a built Functional or Sequential model gives a built
+    wrapper, which `export` and `save` take at once.
 
     The outputs are averaged as the model returns them: end the model with
     a softmax to average probabilities, as the paper does. The cost of a
@@ -579,6 +580,11 @@ class FractionalPoolingAverage(keras.Model):
             raise argument_error("num_passes", "an int >= 1", num_passes)
         self.model = model
         self.num_passes = int(num_passes)
+        inputs = getattr(model, "inputs", None) if model.built else None
+        if inputs and len(inputs) == 1:
+            # A symbolic call builds the wrapper and records its input
+            # signature, so `export` works before any call on data.
+            self(keras.KerasTensor(inputs[0].shape, inputs[0].dtype))
 
     def build(self, input_shape):
         if not self.model.built:
