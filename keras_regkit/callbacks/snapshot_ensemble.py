@@ -384,9 +384,9 @@ class SnapshotEnsemble(IterationLearningRateCallback):
         self._warn_if_misaligned(steps)
 
     def _check_directory(self):
-        probe = os.path.join(self._files, _WRITE_CHECK)
+        probe = os.path.join(self.directory, _WRITE_CHECK)
         try:
-            os.makedirs(self._files, exist_ok=True)
+            os.makedirs(self.directory, exist_ok=True)
             atomic_write_text(probe, "")
             os.remove(probe)
         except OSError as e:
@@ -590,7 +590,7 @@ class SnapshotEnsemble(IterationLearningRateCallback):
             warnings.warn(
                 f"SnapshotEnsemble: training stopped before cycle "
                 f"{self._next_cycle} of {self.cycles} ended; "
-                f"{self._files!r} holds {len(self._entries)} snapshot(s).",
+                f"{self.directory!r} holds {len(self._entries)} snapshot(s).",
                 stacklevel=2,
             )
         self._offset = None
