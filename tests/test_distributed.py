@@ -13,6 +13,8 @@ normalized by one replica's count (debiased batch norm's `m`) misses it by
 far more: 0.04 to 0.2 in the runs that motivated these tests.
 """
 
+import contextlib
+import functools
 import json
 
 import keras
@@ -91,18 +93,22 @@ def _classifier(*middle, conv=True, head=8):
     return _compile(keras.Model(inputs, outputs))
 
 
+def _build(strategy, distributed, build):
+    """`build()`, in the strategy's scope when `distributed`."""
+    with strategy.scope() if distributed else contextlib.nullcontext():
+        return build()
+
+
 def _train_both(strategy, build, x, y, callbacks=None, tmp_path=None, **fit):
     """(single-device model, mirrored model, their callbacks) after `fit`."""
     fit = {"batch_size": BATCH, "epochs": EPOCHS, "shuffle": False, **fit}
     models, used = [], []
     initial = None
     for name in ("single", "mirrored"):
-        if name == "single":
-            model = build()
+        model = _build(strategy, name == "mirrored", build)
+        if initial is None:
             initial = model.get_weights()
         else:
-            with strategy.scope():
-                model = build()
             model.set_weights(initial)
         made = [] if callbacks is None else callbacks(tmp_path / name)
         model.fit(x, y, verbose=0, callbacks=made, **fit)
@@ -433,11 +439,7 @@ def test_lr_range_test_on_two_replicas(strategy):
     x, y = _images()
     results = []
     for distributed in (False, True):
-        if distributed:
-            with strategy.scope():
-                model = _plain()
-        else:
-            model = _plain()
+        model = _build(strategy, distributed, _plain)
         before = model.get_weights()
         test = lr_range_test(
             model,
@@ -462,19 +464,19 @@ def test_recompute_and_fractional_pooling_average_on_two_replicas(strategy):
     x, _ = _images()
     outputs = []
     for distributed in (False, True):
-        if distributed:
-            with strategy.scope():
-                model = _classifier(
-                    FractionalMaxPooling2D(1.5, seed=3),
-                    DebiasedBatchNormalization(synchronized=True),
-                )
-                averaged = FractionalPoolingAverage(model, num_passes=4)
-        else:
-            model = _classifier(
+        model = _build(
+            strategy,
+            distributed,
+            lambda: _classifier(
                 FractionalMaxPooling2D(1.5, seed=3),
                 DebiasedBatchNormalization(synchronized=True),
-            )
-            averaged = FractionalPoolingAverage(model, num_passes=4)
+            ),
+        )
+        averaged = _build(
+            strategy,
+            distributed,
+            functools.partial(FractionalPoolingAverage, model, num_passes=4),
+        )
         recompute_batchnorm_statistics(model, x, batch_size=BATCH)
         outputs.append(
             (
@@ -515,9 +517,11 @@ def test_multi_worker_training_matches_one_device(tmp_path):
 
     import multi_worker_job
 
+    # Both ports at once: freed one by one, the second could be the first.
+    chief_port, worker_port = _free_ports(2)
     cluster = {
-        "chief": [f"localhost:{_free_ports(1)[0]}"],
-        "worker": [f"localhost:{_free_ports(1)[0]}"],
+        "chief": [f"localhost:{chief_port}"],
+        "worker": [f"localhost:{worker_port}"],
     }
     processes = []
     for task in ({"type": "chief", "index": 0}, {"type": "worker", "index": 0}):
