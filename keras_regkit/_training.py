@@ -1,0 +1,111 @@
+"""Private helpers for callbacks that act on the model during `fit`.
+
+Everything here goes through Keras's public surface: the optimizer's public
+`iterations` and `learning_rate`, the JAX trainer's public `jax_state_sync()`
+(the one way a callback makes the variables current between JAX steps), and
+the `params` dict that one `fit` shares among its callbacks.
+"""
+
+import weakref
+
+import keras
+
+__all__ = [
+    "claim",
+    "compiled",
+    "inner_optimizer",
+    "read_iterations",
+    "release",
+    "sync_model_state",
+]
+
+
+def sync_model_state(model):
+    """Makes the model's variables current during `fit` on the JAX backend.
+
+    The JAX trainer keeps the training state outside the variables between
+    steps. A callback that reads or assigns variables mid-epoch first writes
+    that state back; the trainer then reads the variables again before its
+    next step, so assignments made after this call are seen by that step.
+    """
+    if keras.backend.backend() == "jax" and hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
+
+
+def read_iterations(optimizer):
+    """Returns `optimizer.iterations` as a Python int."""
+    # `int()` of the scalar is about 3x cheaper than a NumPy round trip and
+    # this runs at every batch; a `tf.distribute` mirrored variable has no
+    # `__int__`, and its value is the same on every replica.
+    try:
+        return int(optimizer.iterations)
+    except TypeError:
+        return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def inner_optimizer(optimizer):
+    """The optimizer that applies the updates (inside a LossScaleOptimizer)."""
+    return getattr(optimizer, "inner_optimizer", None) or optimizer
+
+
+# model -> {role: (params, callback)}. `params` is the dict that one `fit`
+# hands to all of its callbacks (`Callback.set_params`), so it tells the
+# callbacks of the running `fit` from those of an earlier one that raised
+# before its `on_train_end`.
+_CLAIMS = weakref.WeakKeyDictionary()
+
+_ROLE_WORDS = {
+    "learning_rate": "set the learning rate",
+    "averaging": "average the weights",
+}
+
+
+def claim(callback, role):
+    """Makes `callback` the one callback of this `fit` that plays `role`.
+
+    Call from `on_train_begin`. Raises a `ValueError` naming both callbacks
+    if another callback of the same `fit` already claimed `role` on the same
+    model (two learning-rate policies, two averagings), since the later one
+    would silently override the earlier.
+    """
+    model = callback.model
+    claims = _CLAIMS.setdefault(model, {})
+    held = claims.get(role)
+    if held is not None:
+        params, other = held
+        if other is not callback and params is callback.params:
+            words = _ROLE_WORDS.get(role, role)
+            raise ValueError(
+                f"Two callbacks of one `fit` both {words}: "
+                f"{type(other).__name__} and {type(callback).__name__}. "
+                "Keep one of them in `callbacks=`: the later would silently "
+                "override the earlier."
+            )
+    claims[role] = (callback.params, callback)
+
+
+def release(callback, role):
+    """Undoes `claim` (call from `on_train_end`)."""
+    claims = _CLAIMS.get(callback.model)
+    if claims is not None and claims.get(role, (None, None))[1] is callback:
+        del claims[role]
+
+
+def compiled(function):
+    """`function` compiled by the backend (`tf.function`, `jax.jit`).
+
+    `function` must be a pure function of tensors written with `keras.ops`
+    (no variable assignment): the caller assigns what it returns. Callbacks
+    use it for work they do between steps, which would otherwise run as one
+    eager operation per tensor.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function, reduce_retracing=True)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(function)
+    return function

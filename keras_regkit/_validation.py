@@ -1,0 +1,115 @@
+"""Argument validation shared by every public constructor and function.
+
+Each check raises the toolkit's three-part `ValueError` (what was invalid,
+what is allowed, what was received) and returns the value as a plain Python
+object, so NumPy scalars (`np.float32(0.5)`, `np.int64(3)`) are accepted
+wherever Python numbers are and stored as Python numbers in configs.
+"""
+
+import numbers
+
+import numpy as np
+
+__all__ = [
+    "argument_error",
+    "check_bool",
+    "check_choice",
+    "check_float_in_range",
+    "check_int",
+    "check_seed",
+    "check_verbose",
+]
+
+
+def argument_error(name, expected, value):
+    """Builds the toolkit's three-part `ValueError` for a bad argument.
+
+    Args:
+        name: str. The argument's name, as the user typed it.
+        expected: str. What is allowed, e.g. "a float in [0, 1)".
+        value: The value received.
+
+    Returns:
+        A `ValueError` (to be raised by the caller).
+    """
+    return ValueError(
+        f"Invalid value received for argument `{name}`. Expected {expected}. "
+        f"Received: {name}={value!r}"
+    )
+
+
+def _is_bool(value):
+    return isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
+
+
+def check_float_in_range(name, value, low, high, closed_low, closed_high):
+    """Returns `float(value)` or raises `argument_error` naming the interval.
+
+    NaN is refused (it lies in no interval); `high=float("inf")` with
+    `closed_high=False` allows any finite value above `low`.
+    """
+    interval = (
+        f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
+    )
+    expected = f"a float in {interval}"
+    if not _is_real(value):
+        raise argument_error(name, expected, value)
+    number = float(value)
+    above = number >= low if closed_low else number > low
+    below = number <= high if closed_high else number < high
+    if not (above and below):
+        raise argument_error(name, expected, value)
+    return number
+
+
+def check_int(name, value, minimum=None, maximum=None, allow_none=False):
+    """Returns `int(value)` for an integer in `[minimum, maximum]`."""
+    if value is None and allow_none:
+        return None
+    parts = ["an int"]
+    if minimum is not None:
+        parts.append(f">= {minimum}")
+    if maximum is not None:
+        parts.append(f"<= {maximum}")
+    expected = " ".join(parts) + (" or None" if allow_none else "")
+    if not _is_int(value):
+        raise argument_error(name, expected, value)
+    number = int(value)
+    if (minimum is not None and number < minimum) or (
+        maximum is not None and number > maximum
+    ):
+        raise argument_error(name, expected, value)
+    return number
+
+
+def check_bool(name, value):
+    """Returns `bool(value)` for a Python or NumPy bool, else raises."""
+    if not _is_bool(value):
+        raise argument_error(name, "a bool", value)
+    return bool(value)
+
+
+def check_choice(name, value, choices):
+    """Returns `value` if it is one of `choices`, else raises."""
+    if not isinstance(value, (str, type(None))) or value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise argument_error(name, f"one of {allowed}", value)
+    return value
+
+
+def check_seed(name, value):
+    """A seed: `None` or a non-negative int (as `keras.random` takes)."""
+    return check_int(name, value, minimum=0, allow_none=True)
+
+
+def check_verbose(value):
+    """`verbose`: 0 (silent) or 1, as Keras callbacks take it."""
+    return check_int("verbose", value, minimum=0, maximum=2)
