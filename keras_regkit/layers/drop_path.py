@@ -4,7 +4,8 @@ import keras
 from keras import ops
 
 from keras_regkit._distribute import batch_uniform
-from keras_regkit._utils import check_float_in_range
+from keras_regkit._validation import check_float_in_range
+from keras_regkit._validation import check_seed
 
 __all__ = ["DropPath"]
 
@@ -56,8 +57,8 @@ class DropPath(keras.layers.Layer):
     def __init__(self, rate=0.1, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.rate = check_float_in_range("rate", rate, 0, 1, True, False)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed = check_seed("seed", seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.supports_masking = True
 
     def call(self, inputs, training=None):
