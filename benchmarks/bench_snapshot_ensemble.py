@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 from keras_regkit.callbacks import SnapshotEnsemble
-from keras_regkit.callbacks import snapshot_ensemble_model
+from keras_regkit.ensembles import snapshot_ensemble_model
 
 FEATURES = 64
 CLASSES = 10

@@ -8,6 +8,7 @@ into `model.fit`, and trained models export with `model.export`.
 __version__ = "0.1.0"
 
 from keras_regkit import callbacks
+from keras_regkit import ensembles
 from keras_regkit import layers
 from keras_regkit import schedules
 from keras_regkit.callbacks.batch_norm_statistics import (
@@ -17,6 +18,7 @@ from keras_regkit.callbacks.batch_norm_statistics import (
 __all__ = [
     "__version__",
     "callbacks",
+    "ensembles",
     "layers",
     "recompute_batchnorm_statistics",
     "schedules",
