@@ -33,14 +33,20 @@ def sync_model_state(model):
 
 
 def read_iterations(optimizer):
-    """Returns `optimizer.iterations` as a Python int."""
+    """Returns the optimizer's step counter as a Python int.
+
+    Inside a `LossScaleOptimizer` the inner optimizer's counter is read:
+    before Keras 3.9 the wrapper had a counter of its own that never
+    advanced.
+    """
+    iterations = inner_optimizer(optimizer).iterations
     # `int()` of the scalar is about 3x cheaper than a NumPy round trip and
     # this runs at every batch; a `tf.distribute` mirrored variable has no
     # `__int__`, and its value is the same on every replica.
     try:
-        return int(optimizer.iterations)
+        return int(iterations)
     except TypeError:
-        return int(keras.ops.convert_to_numpy(optimizer.iterations))
+        return int(keras.ops.convert_to_numpy(iterations))
 
 
 def inner_optimizer(optimizer):

@@ -16,7 +16,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_regkit.callbacks import CyclicLR  # noqa: E402
 from keras_regkit.callbacks import PolyakAveraging  # noqa: E402
 from keras_regkit.callbacks import SnapshotEnsemble  # noqa: E402
 from keras_regkit.layers import DebiasedBatchNormalization  # noqa: E402
@@ -66,7 +65,6 @@ def train(model, snapshot_dir):
         callbacks=[
             averaging,
             SnapshotEnsemble(2, 0.1, snapshot_dir),
-            CyclicLR(0.01, 0.1, step_size=3),
         ],
     )
     return model.get_weights() + averaging.get_averages()

@@ -420,7 +420,7 @@ def test_snapshots_are_taken_once_not_per_replica(strategy, tmp_path):
     listings = []
     for name in ("single", "mirrored"):
         manifest = json.loads((tmp_path / name / "manifest.json").read_text())
-        files = sorted(p.name for p in (tmp_path / name).glob("*.npz"))
+        files = sorted(p.name for p in (tmp_path / name).glob("*.weights.h5"))
         listings.append((manifest, files))
     assert listings[1][1] == listings[0][1]
     assert len(listings[1][1]) == 2

@@ -8,6 +8,7 @@ statistics, averages, snapshots, schedules, in float32.
 
 import json
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -241,10 +242,17 @@ def test_snapshots_are_float32_and_the_ensemble_exports(tmp_path):
         (tmp_path / "snapshots" / "manifest.json").read_text()
     )
     assert len(manifest["snapshots"]) == 2
-    for path in sorted((tmp_path / "snapshots").glob("*.npz")):
-        with np.load(path) as arrays:
-            floats = [a for a in arrays.values() if a.dtype.kind == "f"]
-        assert floats and all(a.dtype == np.float32 for a in floats)
+    paths = sorted((tmp_path / "snapshots").glob("*.weights.h5"))
+    assert len(paths) == 2
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            floats = []
+            f["layers"].visititems(
+                lambda _, item: floats.append(item.dtype)
+                if isinstance(item, h5py.Dataset) and item.dtype.kind == "f"
+                else None
+            )
+        assert floats and all(dtype == np.float32 for dtype in floats)
     ensemble = snapshot_ensemble_model(tmp_path / "snapshots", from_logits=True)
     probabilities = ensemble.predict(x, verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)

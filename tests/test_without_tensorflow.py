@@ -64,4 +64,4 @@ def test_trains_and_writes_snapshots_without_tensorflow(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert "snapshot-002.weights.npz" in result.stdout
+    assert "snapshot-002.weights.h5" in result.stdout
