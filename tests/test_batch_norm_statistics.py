@@ -1,3 +1,4 @@
+import inspect
 import re
 import warnings
 
@@ -9,6 +10,12 @@ from keras import ops
 from keras_regkit.callbacks import BatchNormStatistics
 from keras_regkit.callbacks import recompute_batchnorm_statistics
 from keras_regkit.callbacks.batch_norm_statistics import batch_norm_layers
+from keras_regkit.layers import DebiasedBatchNormalization
+
+KERAS_HAS_RENORM = (
+    "renorm"
+    in inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+)
 
 
 def _np(x):
@@ -100,8 +107,6 @@ def test_each_layer_matches_numpy_statistics_of_its_inputs():
     done = recompute_batchnorm_statistics(model, x, batch_size=7)
     assert [layer.name for layer in done] == [bn1.name, bn2.name, bn3.name]
     _assert_nested_statistics(layers, x)
-    for layer in (bn1, bn2, bn3):
-        assert "call" not in layer.__dict__
 
 
 def test_channel_axis_one_and_odd_spatial_sizes():
@@ -132,8 +137,24 @@ def test_masked_inputs_are_weighted_by_the_mask():
     _assert_statistics(bn, x, weights=weights)
 
 
-def test_batch_renormalization_statistics_follow():
-    bn = keras.layers.BatchNormalization(renorm=True, epsilon=0.01)
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(
+            lambda: keras.layers.BatchNormalization(renorm=True, epsilon=0.01),
+            marks=pytest.mark.skipif(
+                not KERAS_HAS_RENORM, reason="Keras < 3.14: no renorm"
+            ),
+            id="keras",
+        ),
+        pytest.param(
+            lambda: DebiasedBatchNormalization(renorm=True, epsilon=0.01),
+            id="debiased",
+        ),
+    ],
+)
+def test_batch_renormalization_statistics_follow(make):
+    bn = make()
     model = keras.Sequential([keras.Input((3,)), bn])
     x = np.random.default_rng(4).normal(5.0, 2.0, size=(20, 3))
     x = x.astype("float32")
@@ -149,33 +170,14 @@ class _CustomBatchNormalization(keras.layers.BatchNormalization):
     pass
 
 
-def _debiased_class():
-    try:
-        from keras_regkit.layers import DebiasedBatchNormalization
-    except ImportError:
-        return None
-    return DebiasedBatchNormalization
-
-
-_needs_debiased = pytest.mark.skipif(
-    _debiased_class() is None,
-    reason="DebiasedBatchNormalization has not landed",
-)
-
-
 @pytest.mark.parametrize(
     "make",
     [
         pytest.param(_CustomBatchNormalization, id="subclass"),
+        pytest.param(DebiasedBatchNormalization, id="debiased"),
         pytest.param(
-            lambda: _debiased_class()(),
-            marks=_needs_debiased,
-            id="DebiasedBatchNormalization",
-        ),
-        pytest.param(
-            lambda: _debiased_class()(moving_statistics="cumulative"),
-            marks=_needs_debiased,
-            id="DebiasedBatchNormalization-cumulative",
+            lambda: DebiasedBatchNormalization(moving_statistics="cumulative"),
+            id="debiased-cumulative",
         ),
     ],
 )
@@ -266,32 +268,127 @@ def test_a_single_value_has_zero_variance():
     np.testing.assert_array_equal(_np(bn.moving_variance), [0.0, 0.0])
 
 
-def test_layer_never_called_is_reported():
-    unused = keras.layers.BatchNormalization()
+class SubclassedModel(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+        self.norm = keras.layers.BatchNormalization()
 
-    class Model(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.used = keras.layers.BatchNormalization()
-            self.unused = unused
-
-        def call(self, x, training=False):
-            return self.used(x, training=training)
-
-    model = Model()
-    unused.build((None, 2))
-    model(np.zeros((1, 2)))
-    with pytest.warns(UserWarning, match=re.escape(unused.name)):
-        done = recompute_batchnorm_statistics(model, np.ones((4, 2)))
-    assert done == [model.used]
+    def call(self, x, training=False):
+        return self.norm(self.dense(x), training=training)
 
 
-def test_hooks_are_removed_when_the_forward_pass_fails():
+def _custom_layer_model():
+    """A functional model whose batch norm sits inside a custom layer."""
+    from keras_regkit.layers import StochasticDepth
+
+    block = [keras.layers.Dense(2), keras.layers.BatchNormalization()]
+    inputs = keras.Input((2,))
+    outputs = keras.layers.BatchNormalization()(StochasticDepth(block)(inputs))
+    return keras.Model(inputs, outputs), block[1]
+
+
+@pytest.mark.parametrize("form", ["subclassed", "custom layer"])
+def test_layers_outside_a_functional_graph_are_refused(form):
+    if form == "subclassed":
+        model = SubclassedModel()
+        model(np.zeros((1, 2)))
+        hidden = model.norm
+    else:
+        model, hidden = _custom_layer_model()
+    before = [_np(v) for v in model.non_trainable_weights]
+    with pytest.raises(
+        ValueError,
+        match=r"must be in the graph of a Functional or Sequential model.*"
+        + re.escape(repr(hidden.name))
+        + r".*trainable=False",
+    ):
+        recompute_batchnorm_statistics(model, np.ones((4, 2)))
+    for variable, value in zip(model.non_trainable_weights, before):
+        np.testing.assert_array_equal(_np(variable), value)
+    # Frozen, it is left alone and the rest is recomputed.
+    hidden.trainable = False
+    done = recompute_batchnorm_statistics(model, np.ones((4, 2)))
+    assert all(layer is not hidden for layer in done)
+
+
+def test_nested_functional_model_is_read_through_its_outer_call():
+    inner_inputs = keras.Input((5,))
+    inner_norm = keras.layers.BatchNormalization()
+    inner = keras.Model(
+        inner_inputs, inner_norm(keras.layers.Dense(4)(inner_inputs))
+    )
+    inputs = keras.Input((3,))
+    first = keras.layers.Dense(5)
+    model = keras.Model(inputs, inner(first(inputs)))
+    _randomize(model)
+    x = np.random.default_rng(10).normal(size=(12, 3)).astype("float32")
+    assert recompute_batchnorm_statistics(model, x, batch_size=5) == [
+        inner_norm
+    ]
+    _assert_statistics(inner_norm, _np(inner.layers[1](first(x))))
+
+
+def test_wrong_input_shape_is_refused_and_statistics_unchanged():
     model, _ = _nested_model()
-    with pytest.raises(ValueError, match="shape"):
+    before = [_np(v) for v in model.non_trainable_weights]
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Invalid value received for argument `data`. Expected batches of "
+            "inputs of shape [(None, 4)]"
+        )
+        + r".*Received: data=<arrays of shape \(4, 7\)>",
+    ):
         recompute_batchnorm_statistics(model, np.zeros((4, 7), "float32"))
-    for layer in batch_norm_layers(model):
-        assert "call" not in layer.__dict__
+    for variable, value in zip(model.non_trainable_weights, before):
+        np.testing.assert_array_equal(_np(variable), value)
+
+
+def _with_non_finite(x, value):
+    x = x.copy()
+    x[3, 1] = value
+    return x
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+@pytest.mark.parametrize("form", ["array", "list", "generator"])
+def test_non_finite_data_is_refused_and_statistics_unchanged(value, form):
+    model, _ = _nested_model()
+    x = np.random.default_rng(11).normal(size=(20, 4)).astype("float32")
+    recompute_batchnorm_statistics(model, x, batch_size=5)
+    before = [_np(v) for v in model.non_trainable_weights]
+    bad = _with_non_finite(x, value)
+    data = {
+        "array": bad,
+        "list": [bad[:10], bad[10:]],
+        "generator": (bad[i : i + 5] for i in range(0, 20, 5)),
+    }[form]
+    with pytest.raises(
+        ValueError,
+        match=r"argument `data`\. Expected finite inputs .* 1 non-finite",
+    ):
+        recompute_batchnorm_statistics(model, data, batch_size=5)
+    for variable, old in zip(model.non_trainable_weights, before):
+        np.testing.assert_array_equal(_np(variable), old)
+
+
+def test_overflow_inside_the_model_restores_every_statistic():
+    # The first layer's statistics are recomputed, then the second layer's
+    # inputs overflow: both are left as they were.
+    inputs = keras.Input((2,))
+    first = keras.layers.BatchNormalization()
+    huge = keras.layers.Dense(
+        2, kernel_initializer=keras.initializers.Constant(1e30)
+    )
+    second = keras.layers.BatchNormalization()
+    model = keras.Model(inputs, second(huge(first(inputs))))
+    before = [_np(v) for v in model.non_trainable_weights]
+    x = np.random.default_rng(12).normal(1e9, 1e9, size=(8, 2))
+    with pytest.raises(ValueError, match=r"inputs of '.*' are not finite"):
+        recompute_batchnorm_statistics(model, x.astype("float32"))
+    for variable, old in zip(model.non_trainable_weights, before):
+        np.testing.assert_array_equal(_np(variable), old)
 
 
 def test_callback_recomputes_for_the_final_weights():
@@ -343,42 +440,120 @@ def _empty_generator():
     yield from ()
 
 
-@pytest.mark.parametrize(
-    "data, received",
-    [
-        (np.zeros((0, 3), "float32"), "Received: data=array([], shape=(0, 3)"),
-        ([], "Received: data=[]"),
-        (_empty_generator(), "Received: data=<generator object"),
-        ("dataset", "Received: data=<"),
-    ],
+def _empty_dataset():
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(np.zeros((0, 3))).batch(2)
+
+
+_EMPTY = re.escape(
+    "Invalid value received for argument `data`. Expected data yielding at "
+    "least one batch of inputs (it yielded none). "
 )
-def test_data_yielding_nothing_is_refused(data, received):
+
+
+def _bn_model():
     model = keras.Sequential(
         [keras.Input((3,)), keras.layers.BatchNormalization()]
     )
-    if isinstance(data, str):
-        import tensorflow as tf
-
-        data = tf.data.Dataset.from_tensor_slices(np.zeros((0, 3))).batch(2)
-    with pytest.raises(
-        ValueError,
-        match=re.escape(
-            "Invalid value received for argument `data`. Expected data "
-            "yielding at least one batch of inputs (it yielded none). "
-        )
-        + re.escape(received),
-    ):
-        recompute_batchnorm_statistics(model, data)
-    # The callback fails the same way at the end of training.
     model.compile("sgd", "mse")
-    callback = BatchNormStatistics([])
-    with pytest.raises(ValueError, match="it yielded none"):
+    return model
+
+
+class _EpochCounter(keras.callbacks.Callback):
+    epochs = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs += 1
+
+
+def _fit_fails_before_any_epoch(model, callback, match):
+    counter = _EpochCounter()
+    with pytest.raises(ValueError, match=match):
         model.fit(
             np.zeros((4, 3)),
             np.zeros((4, 3)),
+            epochs=3,
             verbose=0,
-            callbacks=[callback],
+            callbacks=[counter, callback],
         )
+    assert counter.epochs == 0
+
+
+@pytest.mark.parametrize(
+    "make, received",
+    [
+        (lambda: np.zeros((0, 3), "float32"), "data=array([], shape=(0, 3)"),
+        (list, "data=[]"),
+        (_empty_generator, "data=<generator object"),
+        (_empty_dataset, "data=<"),
+    ],
+)
+def test_data_yielding_nothing_is_refused(make, received):
+    pattern = _EMPTY + re.escape("Received: " + received)
+    with pytest.raises(ValueError, match=pattern):
+        recompute_batchnorm_statistics(_bn_model(), make())
+    # The callback refuses it at construction when it can tell (arrays,
+    # lists), else at the start of training, before any epoch runs.
+    data = make()
+    if isinstance(data, (list, np.ndarray)):
+        with pytest.raises(ValueError, match=pattern):
+            BatchNormStatistics(data)
+    else:
+        _fit_fails_before_any_epoch(
+            _bn_model(), BatchNormStatistics(data), pattern
+        )
+
+
+def test_callback_refuses_none_and_non_finite_data_at_construction():
+    with pytest.raises(
+        ValueError, match=r"`data`\. Expected an iterable .* data=None"
+    ):
+        BatchNormStatistics(None)
+    x = np.ones((8, 3), "float32")
+    x[5, 2] = np.nan
+    with pytest.raises(
+        ValueError,
+        match=r"Expected finite inputs .* Received: data=<arrays of shape "
+        r"\(8, 3\)> with 1 non-finite",
+    ):
+        BatchNormStatistics(x)
+    with pytest.raises(ValueError, match=r"data=<list of 2 batches>"):
+        BatchNormStatistics([x[:4], x[4:]])
+
+
+@pytest.mark.parametrize("form", ["array", "generator"])
+def test_callback_refuses_the_wrong_shape_before_training(form):
+    x = np.zeros((8, 5), "float32")
+    data = x if form == "array" else (x[i : i + 4] for i in (0, 4))
+    _fit_fails_before_any_epoch(
+        _bn_model(),
+        BatchNormStatistics(data),
+        re.escape("Expected batches of inputs of shape [(None, 3)]"),
+    )
+
+
+def test_callback_refuses_a_subclassed_model_before_training():
+    model = SubclassedModel()
+    model.compile("sgd", "mse")
+    counter = _EpochCounter()
+    with pytest.raises(ValueError, match="Functional or Sequential"):
+        model.fit(
+            np.zeros((4, 2)),
+            np.zeros((4, 2)),
+            epochs=2,
+            verbose=0,
+            callbacks=[counter, BatchNormStatistics(np.zeros((4, 2)))],
+        )
+    assert counter.epochs == 0
+
+
+def test_callback_reads_a_generator_once_and_fully():
+    x = np.random.default_rng(13).normal(size=(12, 3)).astype("float32")
+    model = _bn_model()
+    callback = BatchNormStatistics(x[i : i + 4] for i in range(0, 12, 4))
+    model.fit(x, x, batch_size=4, epochs=1, verbose=0, callbacks=[callback])
+    _assert_statistics(model.layers[0], x)
 
 
 @pytest.mark.parametrize(
@@ -386,20 +561,22 @@ def test_data_yielding_nothing_is_refused(data, received):
     [
         (
             {"steps": 0},
-            "`steps`. Expected None or an int >= 1. Received: steps=0",
+            "`steps`. Expected an int >= 1 or None. Received: steps=0",
         ),
         ({"steps": 2.5}, "Received: steps=2.5"),
         ({"steps": True}, "Received: steps=True"),
         (
             {"batch_size": 0},
             (
-                "`batch_size`. Expected None or an int >= 1. "
+                "`batch_size`. Expected an int >= 1 or None. "
                 "Received: batch_size=0"
             ),
         ),
+        ({"verbose": -1}, "`verbose`. Expected an int >= 0"),
+        ({"verbose": "yes"}, "Received: verbose='yes'"),
     ],
 )
-def test_bad_counts(kwargs, message):
+def test_bad_arguments(kwargs, message):
     model = keras.Sequential(
         [keras.Input((3,)), keras.layers.BatchNormalization()]
     )
@@ -407,6 +584,18 @@ def test_bad_counts(kwargs, message):
         recompute_batchnorm_statistics(model, np.ones((4, 3)), **kwargs)
     with pytest.raises(ValueError, match=re.escape(message)):
         BatchNormStatistics(np.ones((4, 3)), **kwargs)
+
+
+def test_numpy_scalars_are_accepted():
+    bn = keras.layers.BatchNormalization()
+    model = keras.Sequential([keras.Input((3,)), bn])
+    x = np.random.default_rng(14).normal(size=(12, 3)).astype("float32")
+    recompute_batchnorm_statistics(
+        model, x, steps=np.int64(2), batch_size=np.int32(4), verbose=np.int8(0)
+    )
+    _assert_statistics(bn, x[:8])
+    callback = BatchNormStatistics(x, steps=np.int64(2), batch_size=np.int16(4))
+    assert (callback.steps, callback.batch_size) == (2, 4)
 
 
 def test_non_iterable_data_is_refused():

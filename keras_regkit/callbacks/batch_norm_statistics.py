@@ -1,14 +1,19 @@
 """Recomputing batch-normalization population statistics ("precise BN")."""
 
-import numbers
-import warnings
+import itertools
+import weakref
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_regkit._utils import argument_error
-from keras_regkit.callbacks._learning_rate import sync_model_state
+from keras_regkit._batch_norm import batch_norm_layers
+from keras_regkit._batch_norm import channel_moments
+from keras_regkit._batch_norm import statistics_variables
+from keras_regkit._training import sync_model_state
+from keras_regkit._validation import argument_error
+from keras_regkit._validation import check_int
+from keras_regkit._validation import check_verbose
 
 __all__ = [
     "BatchNormStatistics",
@@ -18,66 +23,18 @@ __all__ = [
 ]
 
 _DEFAULT_BATCH_SIZE = 32
-
-
-def batch_norm_layers(model):
-    """Every `keras.layers.BatchNormalization` in `model`, nested included.
-
-    Subclasses count (`keras_regkit.layers.DebiasedBatchNormalization`
-    among them), and so do layers inside nested models and inside custom
-    layers. Each layer appears once, in the order Keras tracks them.
-
-    Args:
-        model: A `keras.Model` or `keras.layers.Layer`.
-
-    Returns:
-        A list of layers.
-    """
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-
-
-_STATISTICS = (
-    "moving_mean",
-    "moving_variance",
-    "moving_stddev",
-    "renorm_mean",
-    "renorm_stddev",
+_DATA_EXPECTED = (
+    "an iterable of batches (a `tf.data.Dataset`, a `keras.utils.PyDataset`, "
+    "a generator, a list) or arrays"
 )
+_EMPTY_EXPECTED = "data yielding at least one batch of inputs (it yielded none)"
 
 
-def statistics_variables(layer):
-    """The population-statistics variables of a batch-normalization layer.
-
-    `moving_mean` and `moving_variance`, and with batch renormalization
-    `moving_stddev`, `renorm_mean` and `renorm_stddev`: the variables that
-    describe the inputs' distribution (not counters such as
-    `DebiasedBatchNormalization`'s `moving_count`).
-    """
-    return [
-        variable
-        for variable in (getattr(layer, name, None) for name in _STATISTICS)
-        if isinstance(variable, keras.Variable)
-    ]
-
-
-def _recomputable(model):
-    return [layer for layer in batch_norm_layers(model) if layer.trainable]
+# ------------------------------------------------------------ arguments
 
 
 def _check_optional_count(name, value):
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < 1
-    ):
-        raise argument_error(name, "None or an int >= 1", value)
-    return int(value)
+    return check_int(name, value, minimum=1, allow_none=True)
 
 
 def _is_array(value):
@@ -90,6 +47,87 @@ def _is_array_structure(value):
     if isinstance(value, dict) and value:
         return all(_is_array(v) for v in value.values())
     return False
+
+
+def _array_inputs(data):
+    """`x` when `data` is arrays (or `(x, y[, w])` of them), else None."""
+    if isinstance(data, tuple) and data and _is_array_structure(data[0]):
+        return data[0]
+    if _is_array_structure(data):
+        return data
+    return None
+
+
+def _check_finite(x, data):
+    """Raises if a float input of the batch `x` holds inf or NaN."""
+    for leaf in keras.tree.flatten(x):
+        values = np.asarray(ops.convert_to_numpy(leaf))
+        if np.issubdtype(values.dtype, np.floating) and not np.all(
+            np.isfinite(values)
+        ):
+            raise ValueError(
+                "Invalid value received for argument `data`. Expected finite "
+                "inputs (one inf or NaN would make every statistic NaN). "
+                f"Received: data={_summary(data)} with "
+                f"{int(np.sum(~np.isfinite(values)))} non-finite values in "
+                f"a batch of shape {values.shape}"
+            )
+
+
+def _summary(data):
+    """A short description of `data` for error messages."""
+    x = _array_inputs(data)
+    if x is not None:
+        shapes = keras.tree.map_structure(lambda a: tuple(a.shape), x)
+        return f"<arrays of shape {shapes}>"
+    if isinstance(data, (list, tuple)):
+        return f"<{type(data).__name__} of {len(data)} batches>"
+    return repr(data)
+
+
+def _check_data(data):
+    """What can be checked without reading a one-shot iterator."""
+    if data is None:
+        raise argument_error("data", _DATA_EXPECTED, data)
+    x = _array_inputs(data)
+    if x is not None:
+        if int(keras.tree.flatten(x)[0].shape[0]) == 0:
+            raise argument_error("data", _EMPTY_EXPECTED, data)
+        _check_finite(x, data)
+        return
+    if isinstance(data, (str, bytes)):
+        raise argument_error("data", _DATA_EXPECTED, data)
+    try:
+        iter(data)
+    except TypeError:
+        raise argument_error("data", _DATA_EXPECTED, data) from None
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise argument_error("data", _EMPTY_EXPECTED, data)
+        for batch in data:
+            _check_finite(keras.utils.unpack_x_y_sample_weight(batch)[0], data)
+
+
+def _peek(data, batch_size):
+    """`(first batch x, data)`, reading one batch; `data` is replaced by an
+    equivalent iterator when it is a one-shot iterator (a generator)."""
+    x = _array_inputs(data)
+    if x is not None:
+        size = batch_size or _DEFAULT_BATCH_SIZE
+        return keras.tree.map_structure(lambda a: a[:size], x), data
+    if isinstance(data, keras.utils.PyDataset):
+        if len(data) == 0:
+            raise argument_error("data", _EMPTY_EXPECTED, data)
+        batch = data[0]
+    else:
+        iterator = iter(data)
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            raise argument_error("data", _EMPTY_EXPECTED, data) from None
+        if iterator is data:
+            data = itertools.chain([batch], iterator)
+    return keras.utils.unpack_x_y_sample_weight(batch)[0], data
 
 
 def _as_backend_input(x):
@@ -107,13 +145,10 @@ def _collect_batches(data, steps, batch_size):
     `model.fit` takes them. The batches are kept so that several passes see
     the same values (a generator can be read once only).
     """
-    source = data
-    if isinstance(data, tuple) and data and _is_array_structure(data[0]):
-        source = data[0]
+    source = _array_inputs(data)
     batches = []
-    if _is_array_structure(source):
-        leaves = keras.tree.flatten(source)
-        size = int(leaves[0].shape[0])
+    if source is not None:
+        size = int(keras.tree.flatten(source)[0].shape[0])
         batch_size = batch_size or _DEFAULT_BATCH_SIZE
         for begin in range(0, size, batch_size):
             if steps is not None and len(batches) >= steps:
@@ -123,28 +158,165 @@ def _collect_batches(data, steps, batch_size):
                     lambda a, b=begin: a[b : b + batch_size], source
                 )
             )
-    else:
-        try:
-            iterator = iter(data)
-        except TypeError:
-            raise argument_error(
-                "data",
-                "an iterable of batches (a `tf.data.Dataset`, a "
-                "`keras.utils.PyDataset`, a generator, a list) or arrays",
-                data,
-            ) from None
-        for batch in iterator:
-            if steps is not None and len(batches) >= steps:
-                break
-            x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
-            batches.append(_as_backend_input(x))
+        return batches
+    for batch in data:
+        if steps is not None and len(batches) >= steps:
+            break
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        _check_finite(x, data)
+        batches.append(_as_backend_input(x))
     if not batches:
-        raise argument_error(
-            "data",
-            "data yielding at least one batch of inputs (it yielded none)",
-            data,
-        )
+        raise argument_error("data", _EMPTY_EXPECTED, data)
     return batches
+
+
+def _check_matches_model(model, x, data):
+    """Raises if the batch `x` cannot feed `model` (rank or a fixed size)."""
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        return
+    leaves = keras.tree.flatten(x)
+    if isinstance(x, dict):
+        by_name = {tensor.name: tensor for tensor in inputs}
+        pairs = [(by_name.get(name), x[name]) for name in sorted(x)]
+    else:
+        pairs = list(zip(inputs, leaves))
+    expected = [tuple(tensor.shape) for tensor in inputs]
+    received = keras.tree.map_structure(lambda a: tuple(a.shape), x)
+    mismatch = len(leaves) != len(inputs) or any(
+        tensor is None
+        or len(tensor.shape) != len(leaf.shape)
+        or any(
+            want is not None and want != got
+            for want, got in zip(tensor.shape[1:], leaf.shape[1:])
+        )
+        for tensor, leaf in pairs
+    )
+    if mismatch:
+        raise ValueError(
+            "Invalid value received for argument `data`. Expected batches "
+            f"of inputs of shape {expected} (the model's inputs, batch axis "
+            f"first). Received: data={_summary(data)} with a batch of shape "
+            f"{received}"
+        )
+
+
+# ------------------------------------------------------ reading the inputs
+
+
+class _ChannelMoments(keras.layers.Layer):
+    """Per-channel count, mean and centred sum of squares of its inputs.
+
+    Placed on a batch-normalization layer's input (with its mask), in
+    float32: the statistics that layer would see.
+    """
+
+    def __init__(self, axis, **kwargs):
+        super().__init__(dtype="float32", **kwargs)
+        self.axis = axis
+        self.supports_masking = True
+
+    def compute_mask(self, inputs, previous_mask):
+        return None
+
+    def call(self, inputs, mask=None):
+        mean, variance, count = channel_moments(
+            ops.cast(inputs, "float32"), self.axis, mask
+        )
+        return ops.stack([count, mean, variance * count])
+
+    def compute_output_shape(self, input_shape):
+        return (3, input_shape[self.axis])
+
+
+def _is_graph(layer):
+    """A Functional or Sequential model, whose layers form a graph."""
+    return isinstance(layer, keras.Model) and bool(
+        getattr(layer, "inputs", None)
+    )
+
+
+def _own_inputs(graph):
+    """The input tensors of `graph`'s own graph, in its structure."""
+    if isinstance(graph, keras.Sequential):
+        return graph.inputs[0]
+    return graph.input
+
+
+def _first_call_inputs(layer):
+    """The tensors that fed `layer` the first time a graph called it.
+
+    `keras.Operation.input`, which a Functional model overrides with its own
+    inputs: a nested model's inputs in the graph that contains it. A mask
+    passed to the call comes last.
+    """
+    return keras.tree.flatten(keras.Operation.input.fget(layer))
+
+
+def _probes(graph, targets):
+    """`[(layer, probe tensor)]` of the targets in `graph`, forward order."""
+    found = []
+    for layer in graph.layers:
+        if any(layer is target for target in targets):
+            tensors = _first_call_inputs(layer)
+            mask = tensors[1] if len(tensors) > 1 else None
+            probe = _ChannelMoments(layer.axis % len(tensors[0].shape))
+            found.append((layer, probe(tensors[0], mask=mask)))
+        elif _is_graph(layer):
+            inner = _probes(layer, targets)
+            if not inner:
+                continue
+            own = _own_inputs(layer)
+            inner_model = keras.Model(own, [tensor for _, tensor in inner])
+            count = len(keras.tree.flatten(own))
+            tensors = _first_call_inputs(layer)[:count]
+            outputs = keras.tree.flatten(
+                inner_model(keras.tree.pack_sequence_as(own, tensors))
+            )
+            found.extend(
+                (target, output)
+                for (target, _), output in zip(inner, outputs, strict=True)
+            )
+    return found
+
+
+# model -> (ids of the target layers, the targets in forward order, reader).
+# Built once per model and set of layers: building a sub-model records a
+# node on the layers it reads from, so rebuilding at every call would grow
+# those layers' graph records without bound.
+_READERS = weakref.WeakKeyDictionary()
+
+
+def _reader(model, targets):
+    """The targets in forward order, and a functional model whose outputs
+    are each target's per-channel `(count, mean, M2)` of a batch."""
+    if not _is_graph(model):
+        raise _unreachable_error(targets)
+    key = tuple(sorted(id(layer) for layer in targets))
+    cached = _READERS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    probes = _probes(model, targets)
+    missing = [t for t in targets if not any(t is p for p, _ in probes)]
+    if missing:
+        raise _unreachable_error(missing)
+    ordered = [layer for layer, _ in probes]
+    reader = keras.Model(_own_inputs(model), [tensor for _, tensor in probes])
+    _READERS[model] = (key, ordered, reader)
+    return ordered, reader
+
+
+def _unreachable_error(layers):
+    names = ", ".join(repr(layer.name) for layer in layers)
+    return ValueError(
+        "recompute_batchnorm_statistics reads what each batch-normalization "
+        "layer receives through a functional sub-model, so the layers must "
+        "be in the graph of a Functional or Sequential model (nested ones "
+        f"included). These are not: {names} (inside a subclassed model or a "
+        "custom layer). Build that part functionally, or set "
+        "`trainable=False` on those layers to leave their statistics as they "
+        "are."
+    )
 
 
 class _Moments:
@@ -179,41 +351,6 @@ class _Moments:
         return self.m2 / np.maximum(self.count - 1.0, 1.0)
 
 
-def _batch_moments(layer, inputs, mask):
-    """Count, mean and centred sum of squares of one call's inputs."""
-    inputs = ops.cast(inputs, "float32")
-    rank = len(inputs.shape)
-    axis = layer.axis % rank
-    axes = [i for i in range(rank) if i != axis]
-    if mask is None:
-        count = np.full(
-            (inputs.shape[axis],),
-            float(np.prod([ops.shape(inputs)[i] for i in axes])),
-        )
-        mean = ops.mean(inputs, axis=axes)
-        centred = inputs - ops.reshape(mean, _channel_shape(rank, axis, -1))
-        m2 = ops.sum(ops.square(centred), axis=axes)
-    else:
-        # Weighted as `BatchNormalization._moments` weighs a mask: it is
-        # broadcast along the last axis.
-        weights = ops.cast(
-            ops.broadcast_to(ops.expand_dims(mask, -1), ops.shape(inputs)),
-            "float32",
-        )
-        count = ops.sum(weights, axis=axes)
-        mean = ops.sum(weights * inputs, axis=axes) / ops.maximum(count, 1.0)
-        centred = inputs - ops.reshape(mean, _channel_shape(rank, axis, -1))
-        m2 = ops.sum(weights * ops.square(centred), axis=axes)
-        count = ops.convert_to_numpy(count)
-    return count, ops.convert_to_numpy(mean), ops.convert_to_numpy(m2)
-
-
-def _channel_shape(rank, axis, size):
-    shape = [1] * rank
-    shape[axis] = size
-    return shape
-
-
 def _assign_statistics(layer, mean, variance, batches):
     layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
     layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
@@ -232,58 +369,54 @@ def _assign_statistics(layer, mean, variance, batches):
         count.assign(float(batches))
 
 
+def _state(layers):
+    variables = []
+    for layer in layers:
+        variables.extend(statistics_variables(layer))
+        count = getattr(layer, "moving_count", None)
+        if isinstance(count, keras.Variable):
+            variables.append(count)
+    return [(v, ops.convert_to_numpy(v)) for v in variables]
+
+
+def _recomputable(model):
+    return [layer for layer in batch_norm_layers(model) if layer.trainable]
+
+
 def recompute_batchnorm_statistics(
     model, data, steps=None, batch_size=None, verbose=0
 ):
     """Sets every batch-norm layer's statistics to exact population values.
 
-    Precise BN (Wu & Johnson, 2021): the moving averages a
-    `keras.layers.BatchNormalization` layer keeps during training describe
-    weights that no longer exist (they trail the weights by about
-    `1 / (1 - momentum)` steps) and, in Keras, underestimate the variance by
-    the factor `(m - 1) / m` of a batch of `m` values. Weight averaging
-    (`PolyakAveraging`, SWA) makes it worse: averaged weights do not match
-    averaged statistics. This function freezes the weights, resets the
-    statistics and recomputes, for each batch-normalization layer, the mean
-    and the unbiased variance of all the values its statistics see over the
-    given batches:
+    Precise BN (Wu & Johnson, 2021): the moving averages of a
+    `keras.layers.BatchNormalization` trail the weights by about
+    `1 / (1 - momentum)` steps and, in Keras, underestimate the variance by
+    `(m - 1) / m`; averaged weights (SWA, `PolyakAveraging`) do not match
+    averaged statistics either. This function sets, for each trainable
+    batch-normalization layer, per channel (the layer's `axis`):
 
     ```
     moving_mean     = sum(x) / M
     moving_variance = sum((x - moving_mean) ** 2) / (M - 1)
     ```
 
-    per channel (the layer's `axis`), where the sums run over the batch and
-    every other axis of every batch, and `M` is the number of values (the
-    mask-weighted count when the layer receives a mask, as
-    `BatchNormalization` weighs it). With `M = 1` the variance is 0 (there
-    is no spread to estimate) rather than a division by zero.
+    over every value `x` the layer receives from the given batches in
+    inference mode (masked values left out), `M` being their count (a
+    variance of 0 when `M = 1`). The layers are processed in the order the
+    forward pass calls them, so each one's statistics are those of the
+    inputs it sees at inference, with the layers before it already
+    recomputed; the cost is one pass over the batches per layer. Renorm
+    statistics (`renorm=True`) are set to the same population values.
 
-    The model runs in inference mode throughout (dropout off, nothing
-    trains). The layers are processed one at a time, in the order the
-    forward pass calls them: when a layer's statistics are gathered, every
-    batch-norm layer before it already holds its recomputed statistics and
-    normalizes with them, as it will at inference. Each layer's statistics
-    are therefore exactly the mean and variance of the inputs it sees when
-    the model predicts, which one pass with all layers in training mode
-    (PyTorch's `update_bn`, the SWA reference code) only approximates: there,
-    upstream layers normalize with each batch's own statistics. The cost is
-    one forward pass over the batches per batch-norm layer.
-
-    Every subclass of `keras.layers.BatchNormalization` is handled
-    (`keras_regkit.layers.DebiasedBatchNormalization` included, whose
-    moving variance is also the unbiased estimate), in nested models and
-    custom layers too. For batch renormalization (`renorm=True`),
-    `moving_stddev`, `renorm_mean` and `renorm_stddev` are set to the same
-    population values. Layers with `trainable=False` are frozen on purpose
-    (Keras runs them in inference mode and never updates their statistics)
-    and are left as they are. A layer the forward pass never calls is left
-    as it is, with a warning. A model without batch-normalization layers (or
-    with frozen ones only) is left as it is, and `data` is not read.
+    The inputs of each layer are read through a functional sub-model, so
+    the layers must sit in the graph of a Functional or Sequential model
+    (nested ones included); a trainable layer inside a subclassed model or a
+    custom layer is refused (freeze it with `trainable=False` to leave it as
+    it is). On any error, every statistic is left as it was.
 
     Args:
-        model: A built `keras.Model` (it is built on the first batch
-            otherwise).
+        model: A Functional or Sequential `keras.Model` (built on the first
+            batch if it is not built).
         data: The batches: a `tf.data.Dataset`, a `keras.utils.PyDataset`, a
             generator, a list of batches (each `x` or `(x, y[, sample_weight])`
             as `fit` takes them; only `x` is used), or a NumPy array or tensor
@@ -297,12 +430,13 @@ def recompute_batchnorm_statistics(
         verbose: int. 1 prints one line per layer. Defaults to `0`.
 
     Returns:
-        A list of the layers whose statistics were recomputed, in the order
-        they were processed.
+        The layers whose statistics were recomputed, in the order processed.
 
     Raises:
-        ValueError: if `data` yields no batch, or `steps` or `batch_size` is
-            not a positive int.
+        ValueError: for `data` that yields no batch, holds inf or NaN, or
+            does not match the model's inputs; for a bad `steps`,
+            `batch_size` or `verbose`; for trainable batch-normalization
+            layers outside a functional graph.
 
     Example:
 
@@ -320,77 +454,54 @@ def recompute_batchnorm_statistics(
     array([15., 15., 15.], dtype=float32)
 
     Reference:
+
     - [Wu & Johnson, 2021](https://arxiv.org/abs/2105.07576)
-    - [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167)
     """
     steps = _check_optional_count("steps", steps)
     batch_size = _check_optional_count("batch_size", batch_size)
+    verbose = check_verbose(verbose)
+    _check_data(data)
     if model.built and not _recomputable(model):
         return []
     batches = _collect_batches(data, steps, batch_size)
     if not model.built:
         model(batches[0], training=False)
-    pending = _recomputable(model)
-    if not pending:
+    targets = _recomputable(model)
+    if not targets:
         return []
-
-    state = {"target": None, "moments": None, "pending": pending}
-    originals = {}
-
-    def make_hook(layer, original):
-        def call(inputs, *args, **kwargs):
-            if state["target"] is None and any(
-                layer is p for p in state["pending"]
-            ):
-                state["target"] = layer
-            if state["target"] is layer:
-                state["moments"].add(
-                    *_batch_moments(layer, inputs, kwargs.get("mask"))
-                )
-                state["calls"] += 1
-            kwargs["training"] = False
-            return original(inputs, *args, **kwargs)
-
-        return call
-
+    ordered, reader = _reader(model, targets)
+    _check_matches_model(model, batches[0], data)
+    saved = _state(targets)
     done = []
     try:
-        for layer in pending:
-            originals[id(layer)] = (layer, layer.__dict__.get("call"))
-            layer.call = make_hook(layer, layer.call)
-        while state["pending"]:
-            state["target"] = None
-            state["moments"] = _Moments()
-            state["calls"] = 0
+        for index, layer in enumerate(ordered):
+            moments = _Moments()
             for x in batches:
-                model(x, training=False)
-            layer = state["target"]
-            if layer is None:
-                break
-            moments = state["moments"]
-            _assign_statistics(
-                layer, moments.mean, moments.unbiased_variance(), state["calls"]
-            )
-            state["pending"] = [p for p in state["pending"] if p is not layer]
+                outputs = reader.predict_on_batch(x)
+                if not isinstance(outputs, (list, tuple)):
+                    outputs = [outputs]
+                moments.add(*outputs[index])
+            variance = moments.unbiased_variance()
+            if not (
+                np.all(np.isfinite(moments.mean))
+                and np.all(np.isfinite(variance))
+            ):
+                raise ValueError(
+                    "recompute_batchnorm_statistics: the inputs of "
+                    f"{layer.name!r} are not finite (an overflow in the "
+                    "layers before it?); every statistic is left as it was."
+                )
+            _assign_statistics(layer, moments.mean, variance, len(batches))
             done.append(layer)
             if verbose:
                 print(
                     f"recompute_batchnorm_statistics: {layer.name}: "
                     f"{int(np.max(moments.count))} values per channel."
                 )
-    finally:
-        for layer, own_call in originals.values():
-            if own_call is None:
-                del layer.call
-            else:
-                layer.call = own_call
-    if state["pending"]:
-        names = ", ".join(layer.name for layer in state["pending"])
-        warnings.warn(
-            "recompute_batchnorm_statistics: the forward pass never called "
-            f"these batch-normalization layers, left unchanged: {names}.",
-            stacklevel=2,
-        )
+    except BaseException:
+        for variable, value in saved:
+            variable.assign(value)
+        raise
     return done
 
 
@@ -402,29 +513,24 @@ class BatchNormStatistics(keras.callbacks.Callback):
     steps, batch_size)`: the moving mean and variance of every
     batch-normalization layer become the exact mean and unbiased variance of
     the inputs the layer sees at inference over `data`, for the final
-    weights. Training itself is unchanged (the layers keep their moving
-    averages during `fit`); inference afterwards uses the recomputed values,
-    and so do `model.save` and `model.export`. See
-    `recompute_batchnorm_statistics` for the exact procedure.
+    weights. Training itself is unchanged; inference afterwards, `save` and
+    `export` use the recomputed values.
 
-    Place it after callbacks that change the weights at the end of training.
-    With `PolyakAveraging`, use its own `batch_norm="recompute"` instead,
-    which also recomputes for the averaged weights it validates during
-    training.
+    The arguments are checked at construction, and at the start of training
+    the model (its batch-normalization layers must be in a functional graph)
+    and the first batch of `data` (its shape must fit the model's inputs),
+    so that a mistake does not wait for the last epoch. Place it after
+    callbacks that change the weights at the end of training; with
+    `PolyakAveraging`, use its `batch_norm="recompute"` instead.
 
     Args:
-        data: The batches to compute the statistics over (typically the
-            training data, or part of it), in any form
-            `recompute_batchnorm_statistics` takes.
+        data: The batches, in any form `recompute_batchnorm_statistics`
+            takes (typically the training data, or part of it).
         steps: int or `None`. Number of batches to use; `None` uses all of
             `data`. Defaults to `None`.
         batch_size: int or `None`. Batch size when `data` is arrays.
             Defaults to `32`.
         verbose: int. 1 prints one line per layer. Defaults to `0`.
-
-    Raises:
-        ValueError: at construction if `steps` or `batch_size` is not a
-            positive int; at the end of training if `data` yields no batch.
 
     Example:
 
@@ -449,15 +555,30 @@ class BatchNormStatistics(keras.callbacks.Callback):
     True
 
     Reference:
+
     - [Wu & Johnson, 2021](https://arxiv.org/abs/2105.07576)
     """
 
     def __init__(self, data, steps=None, batch_size=None, verbose=0):
         super().__init__()
+        _check_data(data)
         self.data = data
         self.steps = _check_optional_count("steps", steps)
         self.batch_size = _check_optional_count("batch_size", batch_size)
-        self.verbose = verbose
+        self.verbose = check_verbose(verbose)
+
+    def on_train_begin(self, logs=None):
+        targets = _recomputable(self.model)
+        if not targets:
+            return
+        if not _is_graph(self.model) and isinstance(
+            self.model, keras.Sequential
+        ):
+            return  # Built on the first batch: checked at the end.
+        _reader(self.model, targets)
+        first, self.data = _peek(self.data, self.batch_size)
+        _check_finite(first, self.data)
+        _check_matches_model(self.model, first, self.data)
 
     def on_train_end(self, logs=None):
         sync_model_state(self.model)
