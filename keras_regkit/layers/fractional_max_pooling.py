@@ -1,26 +1,19 @@
 """Fractional max pooling (Graham, 2014) with an exact, fast gradient."""
 
 import math
-import threading
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_regkit._utils import argument_error
-from keras_regkit._utils import check_choice
+from keras_regkit._validation import argument_error
+from keras_regkit._validation import check_bool
+from keras_regkit._validation import check_choice
+from keras_regkit._validation import check_seed
 
-__all__ = ["FractionalMaxPooling2D", "FractionalPoolingAverage"]
+__all__ = ["FractionalMaxPooling2D"]
 
 _RATIO_EXPECTED = "a float in (1, 2], or a pair of such floats (rows, cols)"
-
-# The number of test-time passes requested by an enclosing
-# `FractionalPoolingAverage` call; read by the layers while it traces.
-_AVERAGING = threading.local()
-
-
-def _averaging_passes():
-    return getattr(_AVERAGING, "passes", None)
 
 
 def _check_pooling_ratio(pooling_ratio):
@@ -112,14 +105,26 @@ def _num_slots(size, out_size, overlapping):
     return longest + int(overlapping)
 
 
+def _replaces(candidate, best):
+    """Whether `candidate` takes the place of the running maximum `best`.
+
+    A larger value, or a NaN: a NaN anywhere in a region makes its maximum
+    NaN (as NumPy's `max` does), in training and inference alike. A plain
+    `maximum` would not do: TensorFlow's XLA `max(1, nan)` is 1.
+    """
+    return ops.logical_or(ops.greater(candidate, best), ops.isnan(candidate))
+
+
 def _region_max(x, rows, cols, h_axis, w_axis):
     """Values only: the max over each region, rows of columns maxima."""
     y = ops.take(x, cols[0], axis=w_axis)
     for positions in cols[1:]:
-        y = ops.maximum(y, ops.take(x, positions, axis=w_axis))
+        candidate = ops.take(x, positions, axis=w_axis)
+        y = ops.where(_replaces(candidate, y), candidate, y)
     out = ops.take(y, rows[0], axis=h_axis)
     for positions in rows[1:]:
-        out = ops.maximum(out, ops.take(y, positions, axis=h_axis))
+        candidate = ops.take(y, positions, axis=h_axis)
+        out = ops.where(_replaces(candidate, out), candidate, out)
     return out
 
 
@@ -130,15 +135,12 @@ def _broadcast_along(vector, axis, ndim=4):
 
 
 def _index_dtype(x):
-    """int32 flat indices (much faster on CPU) unless they could overflow.
-
-    An unknown batch size is assumed to be at most 2048.
-    """
+    """int32 flat indices (much faster on CPU) when the size is known to fit,
+    else int64 (an unknown batch size or spatial size included)."""
     static = x.shape
-    if None in static[1:]:
+    if None in static:
         return "int64"
-    size = int(np.prod(static[1:])) * (static[0] or 2048)
-    return "int32" if size < 2**31 else "int64"
+    return "int32" if int(np.prod(static)) < 2**31 else "int64"
 
 
 def _region_max_with_argmax_gradient(x, rows, cols, h_axis, w_axis):
@@ -147,7 +149,7 @@ def _region_max_with_argmax_gradient(x, rows, cols, h_axis, w_axis):
     The argmax is found on `stop_gradient(x)`: first, for every row, the
     earliest column holding the maximum over each column range; then the
     earliest row holding the region's maximum. That pair is the region's
-    first maximum in row-major order. The output gathers `x` at those flat
+    first maximum in row-major order (its first NaN, if it holds one). The output gathers `x` at those flat
     positions, so the gradient is a scatter-add onto exactly those positions.
     The position tracked through both stages is the flat offset `row *
     row_stride + col * col_stride` within a sample.
@@ -172,7 +174,7 @@ def _region_max_with_argmax_gradient(x, rows, cols, h_axis, w_axis):
     where = row_offsets + offsets(cols[0], w_axis)
     for positions in cols[1:]:
         candidate = ops.take(values, positions, axis=w_axis)
-        greater = ops.greater(candidate, best)
+        greater = _replaces(candidate, best)
         best = ops.where(greater, candidate, best)
         where = ops.where(
             greater, row_offsets + offsets(positions, w_axis), where
@@ -181,7 +183,7 @@ def _region_max_with_argmax_gradient(x, rows, cols, h_axis, w_axis):
     chosen = ops.take(where, rows[0], axis=h_axis)
     for positions in rows[1:]:
         candidate = ops.take(best, positions, axis=h_axis)
-        greater = ops.greater(candidate, out)
+        greater = _replaces(candidate, out)
         out = ops.where(greater, candidate, out)
         chosen = ops.where(
             greater, ops.take(where, positions, axis=h_axis), chosen
@@ -206,62 +208,35 @@ class FractionalMaxPooling2D(keras.layers.Layer):
     """Fractional max pooling: downsampling by a non-integer ratio.
 
     Each output is the maximum over a rectangular region; the regions tile
-    the input with row and column boundaries `0 = a_0 < a_1 < ... < a_out =
-    size` whose increments `a_i - a_{i-1}` are 1 or 2, so an input of size
-    `H x W` pools to `floor(H / ratio_rows) x floor(W / ratio_cols)` (the
-    same size as `tf.nn.fractional_max_pool`). With `overlapping=True` region
-    `i` spans rows `a_{i-1}..a_i` inclusive (2 or 3 rows; the last one is
-    clipped to the input), otherwise `a_{i-1}..a_i - 1` (1 or 2 rows).
+    the input with row (and column) boundaries `0 = a_0 < a_1 < ... <
+    a_out = size` whose increments are 1 or 2, so an `H x W` input pools to
+    `floor(H / ratio_rows) x floor(W / ratio_cols)`, the size of
+    `tf.nn.fractional_max_pool`. With `overlapping=True` region `i` spans
+    `a_{i-1}..a_i` inclusive (clipped to the input), otherwise
+    `a_{i-1}..a_i - 1`. A NaN anywhere in a region makes its output NaN, in
+    training and inference, on every backend (TensorFlow's max pooling
+    skips NaN; JAX's and NumPy's propagate it).
 
-    **Training** (`training=True`): fresh boundaries are drawn at every call,
-    one sequence for the rows and one for the columns, shared by the batch.
-    - `pseudo_random=True` (the paper's pseudo-random overlapping FMP):
-      `a_i = ceil(alpha * (i + u)) - ceil(alpha * u)` with
-      `alpha = size / out_size` and `u` uniform in (0, 1).
-    - `pseudo_random=False`: a uniformly random arrangement of the
-      increments (`size % out_size` of them equal to 2, the rest 1).
+    **Training** draws fresh boundaries at every call, one sequence for the
+    rows and one for the columns, shared by the batch: with
+    `pseudo_random=True` the paper's `a_i = ceil(alpha * (i + u)) -
+    ceil(alpha * u)`, `alpha = size / out_size`, `u = (v + 1/2) / size` for
+    a uniform integer `v` in `[0, size)` (the formula starts at
+    `ceil(alpha * u)`, which we subtract so that `a_out = size`); with
+    `pseudo_random=False` a uniformly random arrangement of the increments.
+    TensorFlow's kernel builds its sequences differently and also draws
+    sequences outside this formula. The gradient goes to the first maximum
+    of each region in row-major order, as TensorFlow's
+    `FractionalMaxPoolGrad`, under XLA too.
 
-    **Inference**: deterministic boundaries, whatever `pseudo_random` says:
-    the pseudo-random sequence at the smallest offset, `v = 0` below (`u =
-    1 / (2 * size)`), so `predict` and an exported SavedModel are
-    reproducible. That sequence always ends with the longer increment, so
-    the last region, which is clipped at the input's edge, keeps 2 rows
-    (at `u = 1/2`, for instance, 8 rows pooled to 5 would end with a 1-row
-    region, which only a quarter of the training draws have). For the
-    paper's test-time
-    averaging over several poolings, wrap the model in
-    `keras_regkit.layers.FractionalPoolingAverage`.
-
-    **Gradient.** The gradient of each output goes to the first maximum of
-    its region in row-major order (the smallest row holding the maximum,
-    then the smallest column in that row), the same rule as TensorFlow's
-    `FractionalMaxPoolGrad` kernel, in eager, graph and XLA-compiled code
-    alike. Overlapping regions that share an argmax add their gradients.
-    The argmax is found with `keras.ops` comparisons (2 to 4 gathered
-    columns, then 2 to 4 gathered rows) and the output gathers the input at
-    those positions, so the gradient is one scatter-add; it runs under XLA
-    and in float16. Inference skips the argmax and takes elementwise
-    maxima of the gathered columns, then rows.
-
-    **Where this follows TensorFlow's kernel, and where the paper.**
-    - Output size, region bounds (inclusive, clipped to the input) and the
-      tie rule of the gradient follow TensorFlow.
-    - Pseudo-random sequences follow the paper's `ceil(alpha * (i + u))`.
-      That formula starts at `ceil(alpha * u)` (1 or 2), not 0; we subtract
-      that start, which keeps every `u` in (0, 1) and gives an exact final
-      boundary `size`. (TensorFlow instead pins the ends and narrows the
-      range of `u`, which makes some sequences impossible.) Since the
-      sequence only changes when `u` crosses a multiple of `1 / size`, `u`
-      is drawn as `(v + 1/2) / size` with `v` a uniform integer in
-      `[0, size)`: the same distribution of sequences, in integer
-      arithmetic.
-    - When `size / out_size` exceeds 2 (small odd sizes, e.g. 5 pooled by
-      1.9 to 2), increments are 2 or 3, as in TensorFlow's kernel.
-
-    Ratios above 2 are refused: with `alpha >= 2` regions would be 3 or more
-    rows long and FMP degenerates into ordinary strided pooling with jitter;
-    the paper stacks layers with `alpha` in (1, 2) instead (e.g. `alpha =
-    2 ** 0.5` twice halves the size).
+    **Inference** uses the pseudo-random sequence at `v = 0`, so `predict`
+    and exported models are deterministic; its last, clipped, region keeps
+    the longer increment. For the paper's averaging over several poolings,
+    wrap the model in `keras_regkit.layers.FractionalPoolingAverage`, which
+    sets `num_passes` on its own copies of these layers: inference then
+    pools the `g`-th of `num_passes` equal blocks of the batch at the
+    lattice offset `g` documented there (`num_passes = 1`, the default, is
+    the single pass above).
 
     Args:
         pooling_ratio: float or pair of floats `(rows, cols)`, each in
@@ -271,24 +246,14 @@ class FractionalMaxPooling2D(keras.layers.Layer):
         overlapping: bool. Whether neighbouring regions share their
             boundary row/column. Defaults to `True`.
         seed: int or `None`. Seed of the boundary draws. Defaults to `None`.
-        data_format: str or `None`. `"channels_last"` or
-            `"channels_first"`; `None` means
-            `keras.config.image_data_format()`. Defaults to `None`.
+        data_format: `"channels_last"`, `"channels_first"` or `None`
+            (`keras.config.image_data_format()`). Defaults to `None`.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
         inputs: 4D tensor, `(batch, rows, cols, channels)` for
             `channels_last`, `(batch, channels, rows, cols)` otherwise.
         training: bool. Whether to draw random regions.
-
-    Returns:
-        The pooled tensor, of the input's dtype.
-
-    Raises:
-        ValueError: for a `pooling_ratio` outside (1, 2] or of the wrong
-            length, a non-boolean `pseudo_random` or `overlapping`, a
-            non-integer `seed`, an unknown `data_format`, or (when built)
-            an input whose rows or columns would pool to nothing.
 
     Example:
 
@@ -322,19 +287,9 @@ class FractionalMaxPooling2D(keras.layers.Layer):
             if isinstance(pooling_ratio, (list, tuple))
             else float(pooling_ratio)
         )
-        for name, value in (
-            ("pseudo_random", pseudo_random),
-            ("overlapping", overlapping),
-        ):
-            if not isinstance(value, (bool, np.bool_)):
-                raise argument_error(name, "a bool", value)
-        self.pseudo_random = bool(pseudo_random)
-        self.overlapping = bool(overlapping)
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-        ):
-            raise argument_error("seed", "an int or None", seed)
-        self.seed = None if seed is None else int(seed)
+        self.pseudo_random = check_bool("pseudo_random", pseudo_random)
+        self.overlapping = check_bool("overlapping", overlapping)
+        self.seed = check_seed("seed", seed)
         self.data_format = check_choice(
             "data_format",
             keras.config.image_data_format()
@@ -344,6 +299,8 @@ class FractionalMaxPooling2D(keras.layers.Layer):
         )
         self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.input_spec = keras.layers.InputSpec(ndim=4)
+        # Set by `FractionalPoolingAverage` on its own copies of the layer.
+        self.num_passes = 1
 
     @property
     def _spatial_axes(self):
@@ -426,8 +383,7 @@ class FractionalMaxPooling2D(keras.layers.Layer):
                 w_axis,
             )
 
-        passes = _averaging_passes()
-        if not passes:
+        if self.num_passes == 1:
             return _region_max(
                 inputs,
                 self._positions(
@@ -444,7 +400,7 @@ class FractionalMaxPooling2D(keras.layers.Layer):
                 w_axis,
             )
         return self._averaging_call(
-            inputs, passes, rows, out_rows, cols, out_cols
+            inputs, self.num_passes, rows, out_rows, cols, out_cols
         )
 
     def _averaging_call(self, inputs, passes, rows, out_rows, cols, out_cols):
@@ -494,146 +450,3 @@ class FractionalMaxPooling2D(keras.layers.Layer):
             }
         )
         return config
-
-
-@keras.saving.register_keras_serializable(package="keras_regkit")
-class FractionalPoolingAverage(keras.Model):
-    """Test-time averaging over several fractional poolings, in one graph.
-
-    The paper's "model averaging" at test time: run the network several
-    times with different pooling regions and average the outputs (Graham's
-    MNIST error went from 0.44% with one pass to 0.34% averaging 12). This
-    wrapper tiles the batch `num_passes` times, runs `model` once on the
-    tiled batch in inference mode, and averages the `num_passes` blocks of
-    each output. Every `FractionalMaxPooling2D` inside pools block `g` with
-    its own regions: pseudo-random sequences at offsets `u_rows ~ g / N`
-    and `u_cols ~ ((a * g) mod N) / N` (exactly, `v_rows = floor(g * rows /
-    N)` and `v_cols = floor(((a * g) mod N) * cols / N)` in the notation of
-    `FractionalMaxPooling2D`; `a` is coprime with `N` and close to
-    `N / phi`). These rank-1 lattice points spread the passes evenly over
-    the square of offsets instead of drawing them at random, so predictions
-    are reproducible and the exported SavedModel serves the same numbers as
-    `predict`; pass 0 is the layer's single deterministic pass, so
-    `num_passes=1` equals `model.predict`. Random (`pseudo_random=False`)
-    layers use the same pseudo-random passes. Dropout and batch
-    normalization run in inference mode.
-
-    In training (`training=True`, e.g. inside `fit`) the wrapper simply
-    calls `model` once: fitting the wrapper or the model trains the same
-    weights. Wrapping a built Functional or Sequential model gives a built
-    wrapper, which `export` and `save` take at once.
-
-    The outputs are averaged as the model returns them: end the model with
-    a softmax to average probabilities, as the paper does. The cost of a
-    prediction is that of `num_passes` predictions, in one graph.
-
-    Args:
-        model: `keras.Model`. The network; its batch axis must be the first
-            axis of every input and output.
-        num_passes: int >= 1. Number of poolings averaged. Defaults to 12.
-        **kwargs: Base model keyword arguments (`name`, ...).
-
-    Call arguments:
-        inputs: The model's inputs (any structure).
-        training: bool. `True` calls `model` once, in training mode.
-
-    Returns:
-        The model's outputs averaged over the passes.
-
-    Raises:
-        ValueError: for `num_passes` not a positive int, or `model` not a
-            `keras.Model`.
-
-    Example:
-
-    >>> import keras
-    >>> import numpy as np
-    >>> import keras_regkit
-    >>> net = keras.Sequential([
-    ...     keras.Input((8, 8, 1)),
-    ...     keras_regkit.layers.FractionalMaxPooling2D(seed=1),
-    ...     keras.layers.Flatten(),
-    ...     keras.layers.Dense(3, activation="softmax"),
-    ... ])
-    >>> averaged = keras_regkit.layers.FractionalPoolingAverage(net, 12)
-    >>> x = np.random.default_rng(0).normal(size=(4, 8, 8, 1))
-    >>> probabilities = averaged.predict(x, verbose=0)
-    >>> probabilities.shape
-    (4, 3)
-    >>> bool(np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5))
-    True
-
-    Reference:
-
-    - [Graham, 2014](https://arxiv.org/abs/1412.6071), section 4.
-    """
-
-    def __init__(self, model, num_passes=12, **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(model, keras.Model):
-            raise argument_error("model", "a keras.Model", model)
-        if (
-            isinstance(num_passes, bool)
-            or not isinstance(num_passes, (int, np.integer))
-            or num_passes < 1
-        ):
-            raise argument_error("num_passes", "an int >= 1", num_passes)
-        self.model = model
-        self.num_passes = int(num_passes)
-        inputs = getattr(model, "inputs", None) if model.built else None
-        if inputs and len(inputs) == 1:
-            # A symbolic call builds the wrapper and records its input
-            # signature, so `export` works before any call on data.
-            self(keras.KerasTensor(inputs[0].shape, inputs[0].dtype))
-
-    def build(self, input_shape):
-        if not self.model.built:
-            self.model.build(input_shape)
-
-    def call(self, inputs, training=None):
-        if training:
-            return self.model(inputs, training=True)
-        passes = self.num_passes
-
-        def tile(x):
-            return ops.tile(x, [passes] + [1] * (len(x.shape) - 1))
-
-        previous = _averaging_passes()
-        _AVERAGING.passes = passes
-        try:
-            outputs = self.model(
-                keras.tree.map_structure(tile, inputs), training=False
-            )
-        finally:
-            _AVERAGING.passes = previous
-
-        def average(y):
-            dtype = y.dtype
-            grouped = ops.reshape(y, (passes, -1) + tuple(ops.shape(y)[1:]))
-            if keras.backend.standardize_dtype(dtype) in (
-                "float16",
-                "bfloat16",
-            ):
-                grouped = ops.cast(grouped, "float32")
-            return ops.cast(ops.mean(grouped, axis=0), dtype)
-
-        return keras.tree.map_structure(average, outputs)
-
-    def compute_output_spec(self, inputs, training=None):
-        return self.model.compute_output_spec(inputs)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "model": keras.saving.serialize_keras_object(self.model),
-                "num_passes": self.num_passes,
-            }
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["model"] = keras.saving.deserialize_keras_object(config["model"])
-        return cls(**config)

@@ -3,11 +3,18 @@
 import keras
 from keras import ops
 
+from keras_regkit._batch_norm import batch_norm_layers
 from keras_regkit._distribute import replica_position
-from keras_regkit._utils import argument_error
-from keras_regkit._utils import check_float_in_range
+from keras_regkit._validation import argument_error
+from keras_regkit._validation import check_float_in_range
+from keras_regkit._validation import check_int
+from keras_regkit._validation import check_seed
 
 __all__ = ["StochasticDepth", "linear_survival_probabilities"]
+
+
+def _check_probability(name, value):
+    return check_float_in_range(name, value, 0, 1, False, True)
 
 
 def linear_survival_probabilities(num_blocks, final_survival_probability=0.5):
@@ -31,17 +38,12 @@ def linear_survival_probabilities(num_blocks, final_survival_probability=0.5):
     [0.875, 0.75, 0.625, 0.5]
 
     Reference:
+
     - [Huang et al., 2016](https://arxiv.org/abs/1603.09382), Eq. 4.
     """
-    if (
-        isinstance(num_blocks, bool)
-        or not isinstance(num_blocks, int)
-        or num_blocks < 1
-    ):
-        raise argument_error("num_blocks", "an int >= 1", num_blocks)
-    p_last = check_float_in_range(
-        "final_survival_probability", final_survival_probability, 0, 1,
-        False, True,
+    num_blocks = check_int("num_blocks", num_blocks, minimum=1)
+    p_last = _check_probability(
+        "final_survival_probability", final_survival_probability
     )
     return [
         1.0 - (block / num_blocks) * (1.0 - p_last)
@@ -62,21 +64,17 @@ class StochasticDepth(keras.layers.Layer):
     the paper's `x + survival_probability * f(x)`, the expected value of the
     training output.
 
-    On the JAX backend, a branch that holds state updated in training (batch
-    normalization, dropout's seed) is computed and multiplied by the gate,
-    since JAX's `cond` cannot return Keras state updates from a branch: the
-    output is the same, the saving in time is not, and the branch's
-    batch-norm statistics also move on steps whose gate is closed. Stateless
-    branches are skipped on every backend. The same holds under a
-    `tf.distribute` strategy for a branch that synchronizes the replicas
-    (`synchronized=True` batch normalization), because TensorFlow cannot
-    synchronize inside a conditional. The gate itself is drawn once per
-    global batch: every replica draws the same `b`, as one device would.
+    Two cases compute the branch and multiply it by the gate instead (same
+    output, no saving): on JAX a branch with state updated in training
+    (batch normalization, a seed), whose updates JAX's `cond` cannot carry
+    out (its batch-norm statistics then also move on skipped steps); and
+    under a `tf.distribute` strategy a branch with `synchronized=True`
+    batch normalization, which cannot synchronize inside a conditional. The
+    gate is drawn once per global batch, as on one device.
 
-    The wrapper works inside `keras.Sequential`: put the blocks in a list, a
-    `StochasticDepth` each. For a per-example gate (the form used by modern
-    architectures, with inverted scaling), use `keras_regkit.layers.DropPath`
-    on the branch instead.
+    Put the blocks in a `keras.Sequential`, a `StochasticDepth` each. For a
+    per-example gate with inverted scaling (modern architectures), use
+    `keras_regkit.layers.DropPath` on the branch instead.
 
     Args:
         block: A layer, or a list of layers applied in order, computing the
@@ -104,6 +102,7 @@ class StochasticDepth(keras.layers.Layer):
     True
 
     Reference:
+
     - [Huang et al., 2016](https://arxiv.org/abs/1603.09382)
     """
 
@@ -117,18 +116,20 @@ class StochasticDepth(keras.layers.Layer):
                 "block", "a keras Layer or a non-empty list of Layers", block
             )
         self.block = layers
-        self.survival_probability = check_float_in_range(
-            "survival_probability", survival_probability, 0, 1, False, True
+        self.survival_probability = _check_probability(
+            "survival_probability", survival_probability
         )
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed = check_seed("seed", seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
 
     def build(self, input_shape):
-        shape = tuple(input_shape)
+        # A symbolic call builds each layer and gives its output shape, as
+        # `keras.Sequential` does, so layers without `compute_output_shape`
+        # work too.
+        outputs = keras.KerasTensor(tuple(input_shape), self.compute_dtype)
         for layer in self.block:
-            if not layer.built:
-                layer.build(shape)
-            shape = tuple(layer.compute_output_shape(shape))
+            outputs = layer(outputs)
+        shape = tuple(outputs.shape)
         if shape[1:] != tuple(input_shape)[1:]:
             raise ValueError(
                 "Invalid value received for argument `block`. Expected a "
@@ -149,9 +150,9 @@ class StochasticDepth(keras.layers.Layer):
     def _synchronizes(self):
         """Whether a layer of the branch sums over replicas in training."""
         return any(
-            getattr(sublayer, "synchronized", False)
-            for layer in self.block
-            for sublayer in layer._flatten_layers(include_self=True)
+            layer.synchronized
+            for block in self.block
+            for layer in batch_norm_layers(block)
         )
 
     def call(self, inputs, training=None):
