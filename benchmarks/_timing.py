@@ -33,6 +33,26 @@ def interleaved_medians(candidates, repeats=7, warmup=2):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def alternating_medians(candidates, repeats=7, warmup=2):
+    """Median wall time of each callable, timed in rounds of ABC then CBA.
+
+    Reversing the order every other round cancels both slow drifts of the
+    machine and any advantage of a position in the round.
+    """
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    times = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            gc.collect()
+            start = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def fit_epoch_medians(models, x, y, batch_size, quick=False):
     """Median time of one `fit` epoch of each compiled model, interleaved."""
     return interleaved_medians(

@@ -1,4 +1,4 @@
-"""Private helpers shared across keras_regkit: argument checks, safe files.
+"""Private helpers shared across keras_regkit: safe files and directory locks.
 
 The file helpers never follow a name that someone else could have planted:
 temporary files are created exclusively (`O_CREAT | O_EXCL`, which refuses
@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import errno
 import json
-import numbers
 import os
 import secrets
 import shutil
@@ -23,91 +22,16 @@ import stat
 import tempfile
 import weakref
 
+from keras_regkit._validation import argument_error  # noqa: F401
+from keras_regkit._validation import check_choice  # noqa: F401
+from keras_regkit._validation import check_float_in_range  # noqa: F401
+from keras_regkit._validation import check_int_in_range  # noqa: F401
+from keras_regkit._validation import check_path  # noqa: F401
+
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
-
-
-def argument_error(name, expected, value):
-    """Builds the toolkit's three-part `ValueError` for a bad argument.
-
-    Args:
-        name: str. The argument's name, as the user typed it.
-        expected: str. What is allowed, e.g. "a float in [0, 1)".
-        value: The value received.
-
-    Returns:
-        A `ValueError` (to be raised by the caller).
-    """
-    return ValueError(
-        f"Invalid value received for argument `{name}`. Expected {expected}. "
-        f"Received: {name}={value!r}"
-    )
-
-
-def check_float_in_range(name, value, low, high, closed_low, closed_high):
-    """Returns `float(value)` or raises `argument_error` naming the interval.
-
-    Any real number is accepted (Python or NumPy ints and floats); `bool`
-    and NaN are not.
-    """
-    opening = "[" if closed_low else "("
-    closing = "]" if closed_high else ")"
-    interval = f"{opening}{low}, {high}{closing}"
-    expected = f"a float in {interval}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise argument_error(name, expected, value)
-    above = value >= low if closed_low else value > low
-    below = value <= high if closed_high else value < high
-    if not (above and below):
-        raise argument_error(name, expected, value)
-    return float(value)
-
-
-def check_int_in_range(name, value, low, high=None):
-    """Returns `int(value)` for an integer in `[low, high]`, else raises.
-
-    Python and NumPy integers are accepted; `bool` and floats are not.
-    `high=None` leaves the range open above.
-    """
-    expected = (
-        f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
-    )
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        raise argument_error(name, expected, value)
-    return int(value)
-
-
-def check_choice(name, value, choices):
-    """Returns `value` if it is one of `choices`, else raises."""
-    try:
-        allowed = value in choices
-    except (TypeError, ValueError):  # e.g. an array, whose `==` is a mask
-        allowed = False
-    if not allowed:
-        listed = ", ".join(repr(c) for c in choices)
-        raise argument_error(name, f"one of {listed}", value)
-    return value
-
-
-def check_path(name, value):
-    """Returns `os.fspath(value)` for a non-empty str or `os.PathLike`."""
-    if not isinstance(value, (str, os.PathLike)):
-        raise argument_error(
-            name, "a non-empty path (str or os.PathLike)", value
-        )
-    path = os.fspath(value)
-    if not isinstance(path, str) or not path:
-        raise argument_error(
-            name, "a non-empty path (str or os.PathLike)", value
-        )
-    return path
 
 
 def writing_error(error, path, writer):

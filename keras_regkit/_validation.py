@@ -7,6 +7,7 @@ wherever Python numbers are and stored as Python numbers in configs.
 """
 
 import numbers
+import os
 
 import numpy as np
 
@@ -16,6 +17,8 @@ __all__ = [
     "check_choice",
     "check_float_in_range",
     "check_int",
+    "check_int_in_range",
+    "check_path",
     "check_seed",
     "check_verbose",
 ]
@@ -56,9 +59,7 @@ def check_float_in_range(name, value, low, high, closed_low, closed_high):
     NaN is refused (it lies in no interval); `high=float("inf")` with
     `closed_high=False` allows any finite value above `low`.
     """
-    interval = (
-        f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
-    )
+    interval = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
     expected = f"a float in {interval}"
     if not _is_real(value):
         raise argument_error(name, expected, value)
@@ -99,10 +100,47 @@ def check_bool(name, value):
 
 def check_choice(name, value, choices):
     """Returns `value` if it is one of `choices`, else raises."""
-    if not isinstance(value, (str, type(None))) or value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise argument_error(name, f"one of {allowed}", value)
+    try:
+        allowed = value in choices
+    except (TypeError, ValueError):  # e.g. an array, whose `==` is a mask
+        allowed = False
+    if not allowed:
+        listed = ", ".join(repr(c) for c in choices)
+        raise argument_error(name, f"one of {listed}", value)
     return value
+
+
+def check_int_in_range(name, value, low, high=None):
+    """Returns `int(value)` for an integer in `[low, high]`, else raises.
+
+    Python and NumPy integers are accepted; `bool` and floats are not.
+    `high=None` leaves the range open above.
+    """
+    expected = (
+        f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+    )
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        raise argument_error(name, expected, value)
+    return int(value)
+
+
+def check_path(name, value):
+    """Returns `os.fspath(value)` for a non-empty str or `os.PathLike`."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise argument_error(
+            name, "a non-empty path (str or os.PathLike)", value
+        )
+    path = os.fspath(value)
+    if not isinstance(path, str) or not path:
+        raise argument_error(
+            name, "a non-empty path (str or os.PathLike)", value
+        )
+    return path
 
 
 def check_seed(name, value):

@@ -1,0 +1,130 @@
+"""The toolkit's callbacks together in one `fit`, against a plain `fit`.
+
+Target (issue 11): on a small model of about 2 ms a step, `fit` with the
+callbacks that combine (one learning-rate policy with momentum cycling,
+plus weight averaging at every step) costs at most 1.15x a plain `fit`.
+Two combinations are timed: `OneCycle` (learning rate and SGD momentum)
+with `PolyakAveraging` (EMA every step), and `SnapshotEnsemble` (cosine
+restarts, one snapshot per cycle written to disk) with `PolyakAveraging`
+(SWA, one iterate per cycle). A second plain model gives the run's noise
+floor.
+
+Each candidate is its own model; one timing is a `fit` of 2 epochs with
+fresh callbacks (snapshots written to a temporary directory). Rounds
+alternate the order of the candidates (ABC, CBA, ...) and the table gives
+the ratio of medians.
+
+Run: python benchmarks/bench_callbacks.py [--quick]
+"""
+
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from _timing import alternating_medians  # noqa: E402
+from _timing import main  # noqa: E402
+
+from keras_regkit.callbacks import OneCycle  # noqa: E402
+from keras_regkit.callbacks import PolyakAveraging  # noqa: E402
+from keras_regkit.callbacks import SnapshotEnsemble  # noqa: E402
+
+__all__ = ["run"]
+
+SAMPLES = 4096
+BATCH = 64
+STEPS = SAMPLES // BATCH
+EPOCHS = 2
+BASELINE = "plain fit"
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((40,)),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        keras.optimizers.SGD(0.01, momentum=0.9),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def run(quick=False):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(SAMPLES, 40)).astype("float32")
+    y = rng.integers(0, 10, size=SAMPLES)
+    repeats = 5 if quick else 15
+    directory = tempfile.mkdtemp(prefix="bench-callbacks-")
+
+    def fitter(model, make_callbacks):
+        def fit():
+            # A fresh run of EPOCHS epochs with fresh callbacks per timing.
+            model.fit(
+                x,
+                y,
+                batch_size=BATCH,
+                epochs=EPOCHS,
+                verbose=0,
+                shuffle=False,
+                callbacks=make_callbacks(),
+            )
+
+        return fit
+
+    def one_cycle_and_ema():
+        return [
+            OneCycle(0.05, total_steps=EPOCHS * STEPS),
+            PolyakAveraging(decay=0.999, final_weights="training"),
+        ]
+
+    def snapshots_and_swa():
+        return [
+            SnapshotEnsemble(
+                cycles=EPOCHS,
+                max_lr=0.05,
+                directory=os.path.join(directory, "snapshots"),
+            ),
+            PolyakAveraging(decay=None, every=STEPS, final_weights="training"),
+        ]
+
+    candidates = {
+        BASELINE: fitter(_model(), lambda: []),
+        "plain fit, second copy (noise floor)": fitter(_model(), lambda: []),
+        "OneCycle (lr + momentum) + PolyakAveraging (EMA every step)": (
+            fitter(_model(), one_cycle_and_ema)
+        ),
+        "SnapshotEnsemble + PolyakAveraging (SWA once per cycle)": fitter(
+            _model(), snapshots_and_swa
+        ),
+    }
+    medians = alternating_medians(candidates, repeats=repeats, warmup=2)
+    base = medians[BASELINE]
+    rows = []
+    for name, median in medians.items():
+        if name == BASELINE:
+            continue
+        noise = "noise" in name
+        rows.append(
+            {
+                "technique": f"{name}; MLP 40-256-256-10, batch {BATCH}, "
+                f"{base / STEPS * 1e3:.2f} ms a step",
+                "baseline": BASELINE,
+                "ratio": median / base,
+                "target": "~1.00x" if noise else "<= 1.15x",
+            }
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main(run)
