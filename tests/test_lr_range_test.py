@@ -58,23 +58,29 @@ def test_restores_weights_and_optimizer_state_bit_for_bit():
         m.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     before = _state(model)
     assert any(np.any(v != 0) for v in before[1][2:])  # momentum slots
+    np.random.seed(5)
     test = lr_range_test(
         model, x, y, batch_size=16, min_lr=1e-4, max_lr=100.0, steps=40
     )
     assert test.divergence_lr is not None  # the weights did blow up
     _assert_same_state(_state(model), before)
-    # Training goes on exactly as if the test never ran (dropout seeds too).
-    for m in (model, twin):
-        m.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+    # Training goes on exactly as if the test never ran (dropout seeds and
+    # the shuffling, which draws from NumPy's global generator on JAX).
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=True)
+    np.random.seed(5)
+    twin.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=True)
     _assert_same_state(_state(model), _state(twin))
 
 
+@pytest.mark.filterwarnings("ignore:LRRangeTest. the loss:UserWarning")
 def test_a_fresh_model_trains_as_if_untested():
     x, y = _data()
     model, twin = _model(), _model()
-    lr_range_test(
-        model, x, y, batch_size=16, min_lr=1e-4, max_lr=100.0, steps=40
-    )
+    np.random.seed(5)
+    numpy_state = np.random.get_state()[1].copy()
+    lr_range_test(model, x, y, batch_size=16, min_lr=1e-4, max_lr=1.0, steps=12)
+    # Shuffling (from NumPy's global generator on JAX) left no trace.
+    np.testing.assert_array_equal(np.random.get_state()[1], numpy_state)
     # The test built the optimizer; its new slots and counter are zero.
     assert int(model.optimizer.iterations) == 0
     assert all(not np.any(np.array(v)) for v in model.optimizer.variables[2:])
@@ -101,6 +107,7 @@ def test_restores_even_when_fit_raises():
     _assert_same_state(_state(model), before)
 
 
+@pytest.mark.filterwarnings("ignore:LRRangeTest. the loss:UserWarning")
 def test_used_as_a_callback_in_fit():
     x, y = _data()
     model = _model()
@@ -112,6 +119,7 @@ def test_used_as_a_callback_in_fit():
     _assert_same_state(_state(model), before)
 
 
+@pytest.mark.filterwarnings("ignore:LRRangeTest. the loss:UserWarning")
 def test_records_each_batch_loss_not_the_running_mean():
     x, y = _data(96)
     keras.utils.set_random_seed(0)
@@ -143,8 +151,11 @@ def test_records_each_batch_loss_not_the_running_mean():
     assert not np.allclose(test.losses[1:], running[1:], rtol=1e-2)
 
 
-@pytest.mark.parametrize("mode", ["exponential", "linear"])
-def test_ramp(mode):
+@pytest.mark.filterwarnings("ignore:LRRangeTest. the loss:UserWarning")
+@pytest.mark.parametrize(
+    "mode", ["exponential", pytest.param("linear", marks=pytest.mark.slow)]
+)
+def test_ramp(mode, capsys):
     x, y = _data()
     model = _model()
     test = lr_range_test(
@@ -156,6 +167,7 @@ def test_ramp(mode):
         max_lr=1e-3,
         steps=20,
         mode=mode,
+        verbose=1,
     )
     assert len(test.learning_rates) == 20
     fraction = np.arange(20) / 19
@@ -163,13 +175,18 @@ def test_ramp(mode):
         expected = 1e-6 * (1e3) ** fraction
     else:
         expected = 1e-6 + (1e-3 - 1e-6) * fraction
-    np.testing.assert_allclose(test.learning_rates, expected, rtol=1e-12)
+    # As the float32 variable holds them.
+    np.testing.assert_allclose(test.learning_rates, expected, rtol=1e-7)
     assert test.divergence_lr is None
     smoothed, average = [], 0.0
     for i, loss in enumerate(test.losses, start=1):
         average = 0.9 * average + 0.1 * loss
         smoothed.append(average / (1 - 0.9**i))
     np.testing.assert_allclose(test.smoothed_losses, smoothed, rtol=1e-12)
+    printed = capsys.readouterr().out
+    assert "LRRangeTest: batch 2/20, lr=" in printed
+    assert "LRRangeTest: batch 20/20, lr=0.001, loss=" in printed
+    assert "LRRangeTest: 20 batches from lr=1e-06, did not diverge" in printed
 
 
 def test_stops_on_divergence():
@@ -186,6 +203,7 @@ def test_stops_on_divergence():
     )
 
 
+@pytest.mark.slow
 def test_suggestion_lies_below_the_divergence_point_on_digits():
     digits = load_digits()
     x = (digits.data / 16.0).astype("float32")
@@ -232,37 +250,90 @@ def test_suggestion_lies_below_the_divergence_point_on_digits():
     assert history.history["loss"][-1] < 0.3 < history.history["loss"][0]
 
 
-def test_plot_writes_a_png(tmp_path):
+def _finished_test(**kwargs):
     x, y = _data()
+    arguments = {"min_lr": 1e-4, "max_lr": 100.0, "steps": 16, **kwargs}
+    return lr_range_test(_model(), x, y, batch_size=16, **arguments)
+
+
+def test_plot_writes_a_png_and_draws_on_given_axes(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
     path = os.path.join(tmp_path, "range.png")
-    test = lr_range_test(
-        _model(),
-        x,
-        y,
-        batch_size=16,
-        min_lr=1e-4,
-        max_lr=100.0,
-        steps=40,
-        plot_path=path,
-    )
+    test = _finished_test(plot_path=path)
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == ["range.png"]
-    assert test.plot(os.path.join(tmp_path, "again.png")).endswith("again.png")
+    axes = Figure().add_subplot()
+    assert test.plot(ax=axes) is axes
+    assert [line.get_label() for line in axes.lines][:2] == [
+        "batch loss",
+        "smoothed loss",
+    ]
+    assert axes.get_xscale() == "log"
+    assert isinstance(test.plot(), Axes)
 
 
-def test_plot_without_matplotlib(tmp_path, monkeypatch):
-    x, y = _data()
-    test = lr_range_test(_model(), x, y, batch_size=16, steps=5)
+def test_plot_failures_keep_the_finished_test(tmp_path, monkeypatch):
+    blocker = os.path.join(tmp_path, "a_file")
+    with open(blocker, "w") as f:
+        f.write("")
+    with pytest.warns(
+        UserWarning,
+        match=r"lr_range_test: the test finished, but its plot could not be "
+        r"written to .*a_file/range.png.*The results are returned",
+    ):
+        test = _finished_test(plot_path=os.path.join(blocker, "range.png"))
+    assert len(test.losses) > 3 and test.suggestion["max_lr"] > 0
+
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.axes", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.warns(UserWarning, match=r"ImportError: LRRangeTest.plot "):
+        test = _finished_test(plot_path=os.path.join(tmp_path, "range.png"))
+    assert len(test.losses) > 3
     with pytest.raises(
         ImportError,
         match=r"LRRangeTest.plot needs matplotlib. Install it with "
         r"`pip install 'keras_regkit\[plot\]'`",
     ):
         test.plot(os.path.join(tmp_path, "range.png"))
-    assert not os.listdir(tmp_path)
+    assert os.listdir(tmp_path) == ["a_file"]
+
+
+def test_default_ramp_gives_twenty_steps_per_decade():
+    assert LRRangeTest().steps == 161  # 8 decades, both ends included
+    assert LRRangeTest(min_lr=1e-4, max_lr=1.0).steps == 81
+    assert LRRangeTest(mode="linear").steps == 100
+    rates = np.array([LRRangeTest().learning_rate_at(i) for i in range(161)])
+    assert np.all(np.diff(np.log10(rates)) <= 1 / 20 + 1e-12)
+
+
+def test_warns_when_the_loss_minimum_is_at_an_end_of_the_range():
+    x, y = _data()
+
+    def full_batch_test(**kwargs):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(), loss="mse")
+        return lr_range_test(model, x, y, batch_size=len(x), steps=20, **kwargs)
+
+    with pytest.warns(
+        UserWarning,
+        match=r"LRRangeTest: the loss was still falling at the end of the "
+        r"range \(lowest at the last learning rate, 0.01\), so the "
+        r"suggestion only bounds the usable rate from below. Raise `max_lr`.",
+    ):
+        full_batch_test(min_lr=1e-4, max_lr=1e-2)
+    with pytest.warns(
+        UserWarning,
+        match=r"LRRangeTest: the loss was lowest at the first learning rate, "
+        r"1, so the range starts too high to show where the loss begins to "
+        r"fall. Lower `min_lr`.",
+    ):
+        full_batch_test(min_lr=1.0, max_lr=10.0)
 
 
 def test_config_round_trip():
@@ -291,7 +362,7 @@ BAD_ARGUMENTS = [
     (
         {"min_lr": 1.0, "max_lr": 0.5},
         (
-            r"argument `max_lr`. Expected a float > min_lr=1.0. "
+            r"argument `max_lr`. Expected a finite float > min_lr=1.0. "
             r"Received: max_lr=0.5"
         ),
     ),
@@ -327,8 +398,76 @@ BAD_ARGUMENTS = [
 ]
 
 
+BAD_ARGUMENTS += [
+    (
+        {"min_lr": "1e-7"},
+        r"argument `min_lr`. .*Received: min_lr='1e-7'",
+    ),
+    (
+        {"max_lr": np.inf},
+        (
+            r"argument `max_lr`. Expected a finite float > min_lr=1e-07. "
+            r"Received: max_lr=inf"
+        ),
+    ),
+    (
+        {"steps": True},
+        r"argument `steps`. Expected an int >= 2. Received: steps=True",
+    ),
+    (
+        {"smoothing": np.nan},
+        r"argument `smoothing`. .*Received: smoothing=nan",
+    ),
+    (
+        {"verbose": 3},
+        r"argument `verbose`. Expected an int.*Received: verbose=3",
+    ),
+]
+
+
 def test_bad_arguments():
     check_bad_arguments(LRRangeTest, {}, BAD_ARGUMENTS)
+    test = LRRangeTest(
+        np.float32(1e-5), np.float64(1.0), np.int64(30), verbose=np.int64(1)
+    )
+    assert test.get_config()["steps"] == 30
+    assert type(test.get_config()["min_lr"]) is float
+
+
+def test_bad_arguments_of_the_function():
+    x, y = _data()
+    cases = [
+        (
+            {"model": keras.Sequential([keras.layers.Dense(1)])},
+            (
+                r"argument `model`. Expected a keras.Model compiled with an "
+                r"optimizer \(call `model.compile\(optimizer=..., loss=...\)` "
+                r"first\)"
+            ),
+        ),
+        ({"model": "model"}, r"Received: model='model'"),
+        (
+            {"batch_size": 0},
+            (
+                r"argument `batch_size`. Expected an int >= 1. Received: "
+                r"batch_size=0"
+            ),
+        ),
+        ({"batch_size": 16.0}, r"Received: batch_size=16.0"),
+        (
+            {"plot_path": 3},
+            (
+                r"argument `plot_path`. Expected a non-empty path \(str or "
+                r"os.PathLike\). Received: plot_path=3"
+            ),
+        ),
+        ({"steps": 1}, r"argument `steps`. Expected an int >= 2"),
+        ({"verbose": "loud"}, r"Received: verbose='loud'"),
+    ]
+    for kwargs, message in cases:
+        arguments = {"model": _model(), "x": x, "y": y, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            lr_range_test(**arguments)
 
 
 def test_epochs_argument_is_refused():
@@ -359,8 +498,8 @@ def test_optimizer_with_a_schedule_is_refused():
     model = _model(keras.optimizers.SGD(CyclicalLearningRate(1e-3, 1e-2, 4)))
     with pytest.raises(
         ValueError,
-        match=r"LRRangeTest sets the learning rate itself, but the optimizer "
-        r"was compiled with a `LearningRateSchedule`",
+        match=r"LRRangeTest sets the learning rate itself, but the "
+        r"optimizer's learning rate is a `LearningRateSchedule` or a callable",
     ):
         lr_range_test(model, x, y, batch_size=16, steps=8)
 

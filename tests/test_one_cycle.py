@@ -1,4 +1,5 @@
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -7,7 +8,6 @@ from lr_policy_checks import BatchRecorder
 from lr_policy_checks import assert_momentum_policy_applied
 from lr_policy_checks import check_bad_arguments
 from lr_policy_checks import fit_probe
-from lr_policy_checks import in_step_only
 from lr_policy_checks import one_cycle_reference
 from lr_policy_checks import probe_model
 from lr_policy_checks import regression_data
@@ -25,18 +25,14 @@ def _mlp(optimizer):
     return small_mlp(optimizer, features=5, outputs=1)
 
 
-@in_step_only
 @pytest.mark.parametrize(
     "kwargs",
     [
         {},
-        {"pct_start": 0.3, "anneal_strategy": "cos", "three_phase": False},
-        {
-            "pct_start": 0.25,
-            "anneal_strategy": "cos",
-            "div_factor": 10.0,
-            "final_div_factor": 100.0,
-        },
+        pytest.param(
+            {"pct_start": 0.3, "anneal_strategy": "cos", "three_phase": False},
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_fit_trace_is_the_closed_form(kwargs):
@@ -61,29 +57,67 @@ def test_learning_rate_only():
     assert model.optimizer.momentum == 0.0
 
 
-@in_step_only
-def test_beta_1_for_adam_and_steps_per_execution():
-    model = _mlp(keras.optimizers.Adam(0.01))
-    model.compile(model.optimizer, loss="mse", steps_per_execution=4)
-    recorder = BatchRecorder(keys=("learning_rate", "beta_1"))
-    x, y = _regression_data(64)
-    model.fit(
-        x,
-        y,
-        batch_size=4,
-        epochs=2,
-        verbose=0,
-        callbacks=[OneCycle(0.05), recorder],
-    )
-    rates, momenta = one_cycle_reference(np.arange(32), 0.05, 32)
-    assert recorder.iterations == list(range(4, 36, 4))
+@pytest.mark.parametrize(
+    "optimizer,momentum",
+    [
+        (lambda: keras.optimizers.SGD(), False),
+        (lambda: keras.optimizers.SGD(momentum=0.9), True),
+        (lambda: keras.optimizers.Adam(), False),
+    ],
+    ids=["sgd", "sgd_momentum", "adam"],
+)
+def test_defaults_work_with_keras_optimizers(optimizer, momentum):
+    model = _mlp(optimizer())
+    recorder = BatchRecorder(keys=("learning_rate", "momentum"))
+    x, y = _regression_data(40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            x,
+            y,
+            batch_size=4,
+            epochs=2,
+            verbose=0,
+            callbacks=[OneCycle(0.05), recorder],
+        )
+    rates, momenta = one_cycle_reference(np.arange(20), 0.05, 20)
     np.testing.assert_allclose(
-        recorder.logs["learning_rate"], rates[3::4], rtol=1e-12
+        recorder.logs["learning_rate"], rates, rtol=1e-7, atol=1e-12
     )
+    said = [
+        str(w.message)
+        for w in caught
+        if "cycles the learning rate only" in str(w.message)
+    ]
+    if momentum:
+        np.testing.assert_allclose(recorder.logs["momentum"], momenta)
+        assert said == []
+    else:
+        assert recorder.logs["momentum"] == [None] * 20
+        assert len(said) == 1
+        assert said[0].startswith(
+            "OneCycle cycles the learning rate only: the optimizer "
+            f"{type(model.optimizer).__name__}"
+        )
+
+
+def test_steps_per_execution_sets_the_rate_once_per_execution():
+    model = probe_model(keras.optimizers.SGD(0.5), steps_per_execution=4)
+    recorder = BatchRecorder()
+    callback = OneCycle(0.1, base_momentum=None, max_momentum=None)
+    with pytest.warns(
+        UserWarning,
+        match=r"OneCycle: the model was compiled with steps_per_execution=4, "
+        r".* held for 4 steps. For a learning rate exact at every iteration, "
+        r"compile the optimizer with "
+        r"`keras_regkit.schedules.OneCycleLearningRate` instead.",
+    ):
+        fit_probe(model, 8, 2, [callback, recorder])
+    rates, _ = one_cycle_reference(np.arange(16), 0.1, 16)
+    held = np.repeat(rates[0::4], 4)
     np.testing.assert_allclose(
-        recorder.logs["beta_1"], momenta[3::4], rtol=1e-12
+        -recorder.probe_weights(), np.cumsum(held)[3::4], rtol=1e-5
     )
-    assert model.optimizer.beta_1 == pytest.approx(momenta[-1])
 
 
 def _resumable_run(tmp_path, interrupt):
@@ -109,19 +143,18 @@ def _resumable_run(tmp_path, interrupt):
     return trace, model.get_weights()
 
 
-@in_step_only
+@pytest.mark.slow
 def test_backup_and_restore_resumes_the_cycle(tmp_path):
     straight, weights = _resumable_run(tmp_path / "a", interrupt=None)
     resumed, resumed_weights = _resumable_run(tmp_path / "b", interrupt=(3, 4))
     assert resumed == straight
     rates, momenta = one_cycle_reference(np.arange(50), 0.05, 50)
-    np.testing.assert_allclose(straight["learning_rate"], rates, rtol=1e-12)
+    np.testing.assert_allclose(straight["learning_rate"], rates, rtol=1e-7)
     np.testing.assert_allclose(straight["momentum"], momenta, rtol=1e-12)
     for a, b in zip(weights, resumed_weights):
         np.testing.assert_array_equal(a, b)
 
 
-@in_step_only
 def test_consecutive_fits_with_total_steps_continue():
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
     callback = OneCycle(0.1, total_steps=30)
@@ -132,11 +165,10 @@ def test_consecutive_fits_with_total_steps_continue():
     np.testing.assert_allclose(
         recorders[0].logs["learning_rate"] + recorders[1].logs["learning_rate"],
         rates,
-        rtol=1e-12,
+        rtol=1e-7,
     )
 
 
-@in_step_only
 def test_initial_epoch_resumes_a_cycle_sized_by_epochs():
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
     first, second = BatchRecorder(), BatchRecorder()
@@ -146,28 +178,34 @@ def test_initial_epoch_resumes_a_cycle_sized_by_epochs():
     np.testing.assert_allclose(
         first.logs["learning_rate"] + second.logs["learning_rate"],
         rates,
-        rtol=1e-12,
+        rtol=1e-7,
     )
 
 
-@in_step_only
-def test_warns_when_the_cycle_is_over():
+def test_a_finished_cycle_is_not_trained_on():
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
     fit_probe(model, 4, 2, [OneCycle(0.1)])
-    recorder = BatchRecorder()
-    with pytest.warns(
-        UserWarning,
-        match=r"OneCycle: the optimizer has already taken 8 iterations, at "
-        r"least total_steps=8, so the learning rate stays at its final "
-        r"value. To run a new cycle, compile the model with a new optimizer.",
+    with pytest.raises(
+        ValueError,
+        match=r"OneCycle: the optimizer has already taken 8 iterations, and "
+        r"the cycle ends at total_steps=8. To run a new cycle, compile the "
+        r"model with a new optimizer; to make this one longer, pass a larger "
+        r"`total_steps`.",
     ):
-        fit_probe(model, 4, 2, [OneCycle(0.1), recorder])
-    np.testing.assert_allclose(
-        recorder.logs["learning_rate"], np.full(8, 0.1 / 25 / 1e4), rtol=1e-12
-    )
+        fit_probe(model, 4, 2, [OneCycle(0.1)])
+    assert int(model.optimizer.iterations) == 8
+    # Past total_steps within a fit: stops there, as PyTorch does.
+    model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
+    with pytest.raises(
+        ValueError,
+        match=r"OneCycle reached iteration 6, past the end of its cycle "
+        r"\(total_steps=6 covers iterations 0 to 5\). Pass a larger "
+        r"`total_steps`, or train for fewer steps.",
+    ):
+        fit_probe(model, 4, 2, [OneCycle(0.1, total_steps=6)])
+    assert int(model.optimizer.iterations) == 6
 
 
-@in_step_only
 def test_unknown_steps_per_epoch_needs_total_steps():
     def batches():
         while True:
@@ -198,9 +236,7 @@ def test_unknown_steps_per_epoch_needs_total_steps():
         callbacks=[OneCycle(0.1, total_steps=12), recorder],
     )
     rates, _ = one_cycle_reference(np.arange(12), 0.1, 12)
-    np.testing.assert_allclose(
-        recorder.logs["learning_rate"], rates, rtol=1e-12
-    )
+    np.testing.assert_allclose(recorder.logs["learning_rate"], rates, rtol=1e-7)
 
 
 def test_config_round_trip():
@@ -299,19 +335,70 @@ BAD_ARGUMENTS = [
 ]
 
 
+BAD_ARGUMENTS += [
+    (
+        {"total_steps": np.float32(20)},
+        r"argument `total_steps`. Expected an int > 1 / pct_start",
+    ),
+    (
+        {"max_lr": float("nan")},
+        (
+            r"argument `max_lr`. Expected a float in \(0.0, inf\). "
+            r"Received: max_lr=nan"
+        ),
+    ),
+    (
+        {"max_lr": "0.1"},
+        r"argument `max_lr`. .*Received: max_lr='0.1'",
+    ),
+    (
+        {"max_lr": True},
+        r"argument `max_lr`. .*Received: max_lr=True",
+    ),
+    (
+        {"verbose": -1},
+        r"argument `verbose`. Expected an int.*Received: verbose=-1",
+    ),
+    (
+        {"verbose": 0.5},
+        r"argument `verbose`. .*Received: verbose=0.5",
+    ),
+]
+
+
 def test_bad_arguments():
     check_bad_arguments(OneCycle, {"max_lr": 0.1}, BAD_ARGUMENTS)
 
 
-@in_step_only
-def test_optimizer_without_momentum_is_refused():
+def test_optimizer_without_momentum_cycles_the_rate_and_warns():
     model = _mlp(keras.optimizers.Adagrad(0.01))
     x, y = _regression_data(16)
-    with pytest.raises(
-        ValueError,
-        match=r"OneCycle cycles the momentum, but the optimizer Adagrad has "
-        r"neither `momentum` nor `beta_1`",
+    with pytest.warns(
+        UserWarning,
+        match=r"OneCycle cycles the learning rate only: the optimizer Adagrad "
+        r"has no momentum.",
     ):
-        model.fit(
+        history = model.fit(
             x, y, batch_size=2, epochs=1, verbose=0, callbacks=[OneCycle(0.1)]
         )
+    rates, _ = one_cycle_reference(np.arange(8), 0.1, 8)
+    assert history.history["learning_rate"] == [pytest.approx(rates[-1])]
+    assert "momentum" not in history.history
+
+
+def test_numpy_scalars_are_accepted():
+    callback = OneCycle(
+        np.float32(0.5),
+        np.int64(40),
+        pct_start=np.float64(0.25),
+        div_factor=np.int32(10),
+        final_div_factor=np.float32(100.0),
+        three_phase=np.bool_(False),
+        base_momentum=np.float32(0.5),
+        max_momentum=np.float32(0.75),
+        verbose=np.int8(1),
+    )
+    config = callback.get_config()
+    assert all(type(v) in (int, float, str, bool) for v in config.values())
+    assert config["total_steps"] == 40 and config["three_phase"] is False
+    assert callback.learning_rate_at(9) == pytest.approx(0.5)

@@ -82,9 +82,9 @@ def test_config_and_keras_file_round_trip(tmp_path):
     path = os.path.join(tmp_path, "model.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    restored = loaded.optimizer._learning_rate
-    assert isinstance(restored, OneCycleLearningRate)
-    assert restored.get_config() == config
+    saved = loaded.optimizer.get_config()["learning_rate"]
+    assert saved["registered_name"] == "keras_regkit>OneCycleLearningRate"
+    assert saved["config"] == config
     # 4 steps taken: the rate of iteration 4, from the NumPy reference.
     rates, _ = one_cycle_reference([4], 0.2, 30, 0.3, 10.0, 50.0, "cos", False)
     assert float(loaded.optimizer.learning_rate) == pytest.approx(
@@ -164,6 +164,40 @@ BAD_ARGUMENTS = [
         r"argument `three_phase`. Expected a bool. Received: three_phase=1",
     ),
 ]
+
+
+BAD_ARGUMENTS += [
+    (
+        {"maximal_learning_rate": np.nan},
+        r"`maximal_learning_rate`. .*Received: maximal_learning_rate=nan",
+    ),
+    (
+        {"total_steps": "100"},
+        r"argument `total_steps`. .*Received: total_steps='100'",
+    ),
+    (
+        {"div_factor": True},
+        r"argument `div_factor`. .*Received: div_factor=True",
+    ),
+    (
+        {"name": ""},
+        r"argument `name`. Expected a non-empty str. Received: name=''",
+    ),
+]
+
+
+def test_numpy_scalars_are_accepted():
+    schedule = OneCycleLearningRate(
+        np.float32(0.5),
+        np.int64(40),
+        np.float64(0.25),
+        np.int32(10),
+        np.float32(100.0),
+        three_phase=np.bool_(False),
+    )
+    config = schedule.get_config()
+    assert all(type(v) in (int, float, str, bool) for v in config.values())
+    assert schedule.python_value(9) == pytest.approx(0.5)
 
 
 def test_bad_arguments():

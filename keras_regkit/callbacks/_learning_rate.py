@@ -1,138 +1,37 @@
 """Private base for callbacks that set the learning rate per iteration.
 
-`IterationLearningRateCallback` (SnapshotEnsemble, LRRangeTest): before each
-training batch, read the optimizer's own step counter
-(`optimizer.iterations`) and assign the learning rate the policy gives for
-that iteration. Reading the optimizer's counter, not a Python counter, keeps the
-policy right across several `fit` calls and across `BackupAndRestore`
-resumption, because the counter is part of the optimizer state that Keras saves
-and restores.
-
-With `steps_per_execution=N`, Keras calls batch hooks once per execution, so
-the learning rate is set for the first iteration of each group of N and held
-for the N steps. For an exact per-iteration value inside the compiled step,
-compile the optimizer with the schedule form instead (`keras_regkit.schedules`).
-
-`InStepLearningRateCallback` (CyclicLR, OneCycle) goes further: for the
-length of `fit` it puts the policy itself inside the compiled training step,
-computed from `optimizer.iterations` at every iteration (exact with
-`steps_per_execution > 1`, and nothing to assign between batches), and it can
-cycle the momentum the same way. See its docstring for how it stays out of
-the optimizer's saved state and config.
+`IterationLearningRateCallback` (CyclicLR, OneCycle, SnapshotEnsemble,
+LRRangeTest) acts between steps through public state only: before each
+training batch it reads the optimizer's own step counter
+(`optimizer.iterations`, saved and restored with the optimizer, so policies
+continue across `fit` calls and `BackupAndRestore` resumption) and assigns
+the public `optimizer.learning_rate`. With `keras.optimizers.SGD` and a
+positive momentum it can also cycle the momentum exactly, by rescaling SGD's
+public momentum slots before each step (`_SGDMomentum`).
 """
 
-import numbers
+import warnings
+import weakref
 
 import keras
+import numpy as np
+from keras import ops
 
-from keras_regkit._utils import argument_error
-from keras_regkit._utils import check_float_in_range
+from keras_regkit._training import claim
+from keras_regkit._training import compiled
+from keras_regkit._training import inner_optimizer
+from keras_regkit._training import read_iterations
+from keras_regkit._training import release
+from keras_regkit._training import sync_model_state
+from keras_regkit._validation import argument_error
+from keras_regkit._validation import check_float_in_range
+from keras_regkit._validation import check_verbose
 
-
-def sync_model_state(model):
-    """Makes the model's variables current during `fit` on the JAX backend.
-
-    The JAX trainer keeps the training state outside the variables between
-    steps; a callback that reads or assigns variables mid-epoch must first
-    write that state back (Keras re-reads it before the next step).
-    """
-    if keras.backend.backend() == "jax" and hasattr(model, "jax_state_sync"):
-        model.jax_state_sync()
-
-
-def read_iterations(optimizer):
-    """Returns `optimizer.iterations` as a Python int."""
-    # `int()` on the scalar is about 3x cheaper than a NumPy round trip, and
-    # this runs at every batch. Under a `tf.distribute` strategy the variable
-    # is mirrored and has no `__int__`; its NumPy value is the same on every
-    # replica.
-    try:
-        return int(optimizer.iterations)
-    except TypeError:
-        return int(keras.ops.convert_to_numpy(optimizer.iterations))
-
-
-class IterationLearningRateCallback(keras.callbacks.Callback):
-    """Sets `optimizer.learning_rate` from `optimizer.iterations` each batch.
-
-    Subclasses implement `learning_rate_at(iteration)` (a pure function of the
-    0-based iteration, in Python floats) and may override
-    `check_optimizer(optimizer)`.
-
-    Args:
-        verbose: int. 0 is silent, 1 prints the learning rate at each epoch
-            end. Defaults to `0`.
-    """
-
-    def __init__(self, verbose=0):
-        super().__init__()
-        self.verbose = verbose
-        self._last_learning_rate = None
-
-    def learning_rate_at(self, iteration):
-        raise NotImplementedError
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def check_optimizer(self, optimizer):
-        """Raises `ValueError` if `optimizer`'s learning rate can't be set."""
-        schedule = keras.optimizers.schedules.LearningRateSchedule
-        learning_rate = getattr(optimizer, "_learning_rate", None)
-        if isinstance(learning_rate, schedule):
-            raise ValueError(
-                f"{type(self).__name__} sets the learning rate itself, but the "
-                "optimizer was compiled with a `LearningRateSchedule` "
-                f"({type(optimizer._learning_rate).__name__}), whose learning "
-                "rate cannot be set. Compile with a float learning rate "
-                f"(e.g. `{type(optimizer).__name__}(learning_rate=1e-3)`), or "
-                "use the schedule alone without this callback."
-            )
-        if callable(learning_rate) and not isinstance(
-            learning_rate, keras.Variable
-        ):
-            raise ValueError(
-                f"{type(self).__name__} sets the learning rate itself, but the "
-                "optimizer was compiled with a callable learning rate "
-                f"({learning_rate!r}), which cannot be set. Compile with a "
-                f"float learning rate (e.g. `{type(optimizer).__name__}"
-                "(learning_rate=1e-3)`)."
-            )
-
-    def on_train_begin(self, logs=None):
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is None:
-            raise ValueError(
-                f"{type(self).__name__} needs a compiled model with an "
-                "optimizer. Call `model.compile(optimizer=...)` before `fit`."
-            )
-        self.check_optimizer(optimizer)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        sync_model_state(self.model)
-        optimizer = self.model.optimizer
-        learning_rate = self.learning_rate_at(read_iterations(optimizer))
-        optimizer.learning_rate = learning_rate
-        self._last_learning_rate = learning_rate
-
-    def on_train_batch_end(self, batch, logs=None):
-        if logs is not None and self._last_learning_rate is not None:
-            logs["learning_rate"] = self._last_learning_rate
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self._last_learning_rate is None:
-            return
-        if logs is not None:
-            logs["learning_rate"] = self._last_learning_rate
-        if self.verbose:
-            print(
-                f"\nEpoch {epoch + 1}: {type(self).__name__} learning rate "
-                f"{self._last_learning_rate:.6g}."
-            )
-
-
-MOMENTUM_ATTRIBUTES = ("momentum", "beta_1")
+__all__ = [
+    "IterationLearningRateCallback",
+    "check_momentum_bounds",
+    "steps_per_execution",
+]
 
 
 def check_momentum_bounds(base_momentum, max_momentum):
@@ -167,401 +66,317 @@ def check_momentum_bounds(base_momentum, max_momentum):
     return base, top
 
 
-def _inner_optimizer(optimizer):
-    """The optimizer that applies the updates (inside a LossScaleOptimizer)."""
-    return getattr(optimizer, "inner_optimizer", None) or optimizer
+def steps_per_execution(model):
+    """The model's `steps_per_execution` (set by `compile`), as an int."""
+    return int(getattr(model, "steps_per_execution", 1) or 1)
 
 
-class CycledHyperparameter(keras.Variable):
-    """Stands in for an optimizer's float `momentum` or `beta_1` during `fit`.
+class IterationLearningRateCallback(keras.callbacks.Callback):
+    """Sets `optimizer.learning_rate` from `optimizer.iterations` each batch.
 
-    Keras optimizers keep these as Python floats, which the compiled step
-    reads once, when it is traced, so assigning a new float later changes
-    nothing. In their place this variable is read by the step at every
-    iteration; the in-step learning-rate schedule assigns it the policy's
-    value once per step, before the updates read it (once per model
-    variable). The optimizers also test the float in Python while tracing
-    (`if self.momentum != 0:` in SGD, `> 0` in RMSprop) to decide whether
-    they keep momentum slots; comparisons here answer for the value the
-    optimizer was built with, so those branches stay as built.
-    """
+    Subclasses implement `learning_rate_at(iteration)` (a pure function of the
+    0-based iteration, in Python floats) and may override
+    `check_optimizer(optimizer)`. To cycle the momentum as well, they set
+    `self.cycles_momentum = True` and implement `momentum_at(iteration)`.
 
-    def __init__(self, value, name):
-        self.built_value = float(value)
-        super().__init__(
-            float(value), dtype="float32", trainable=False, name=name
-        )
-
-    __hash__ = keras.Variable.__hash__
-
-    def __eq__(self, other):
-        return self.built_value == other
-
-    def __ne__(self, other):
-        return self.built_value != other
-
-    def __lt__(self, other):
-        return self.built_value < other
-
-    def __le__(self, other):
-        return self.built_value <= other
-
-    def __gt__(self, other):
-        return self.built_value > other
-
-    def __ge__(self, other):
-        return self.built_value >= other
-
-
-class _InStepSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """The optimizer's learning rate while an in-step policy is installed.
-
-    The optimizer evaluates it at every step before its updates; it also
-    assigns the cycled momentum there, so that the updates, which read the
-    momentum once per model variable, find it computed once.
-    """
-
-    def __init__(self):
-        self.in_step = None
-        self.momentum = None
-        self.momentum_in_step = None
-
-    def __call__(self, step):
-        if self.momentum_in_step is not None:
-            self.momentum.assign(self.momentum_in_step())
-        return self.in_step()
-
-    def get_config(self):
-        return {}
-
-
-class _GuardedTrainFunction:
-    """The model's train function while (and after) a policy owns it.
-
-    It runs the step traced with the policy only inside a `fit` that
-    installed the policy (same `History` object, policy still active). Any
-    other caller (a `fit` without the callback, `train_on_batch`, or a `fit`
-    after one that stopped with an exception) gets the policy taken off the
-    optimizer and a freshly traced step, so the cycle never leaks into
-    training that did not ask for it. Attribute access goes to the traced
-    function (TensorBoard reads its graph).
-    """
-
-    def __init__(self, model, optimizer, state, function):
-        self.model = model
-        self.optimizer = optimizer
-        self.state = state
-        self.function = function
-
-    def __call__(self, *args, **kwargs):
-        state = self.state
-        history = getattr(self.model, "history", None)
-        if state["active"] and history is state["history"]:
-            return self.function(*args, **kwargs)
-        if state["active"]:
-            _remove_policy(self.optimizer, state)
-        state["function"] = None
-        self.model.train_function = None
-        self.model.make_train_function()
-        return self.model.train_function(*args, **kwargs)
-
-    def __getattr__(self, name):
-        if name == "function":  # not set yet (e.g. while copying)
-            raise AttributeError(name)
-        return getattr(self.function, name)
-
-
-def _remove_policy(optimizer, state):
-    """Puts the optimizer's float learning rate and momentum back."""
-    state["variable"].assign(state["learning_rate"])
-    object.__setattr__(optimizer, "_learning_rate", state["variable"])
-    state["schedule"].in_step = None
-    state["schedule"].momentum_in_step = None
-    momentum = state["momentum"]
-    if momentum is not None and state["momentum_value"] is not None:
-        object.__setattr__(
-            optimizer, momentum.name_in_optimizer, state["momentum_value"]
-        )
-    if "get_config" in optimizer.__dict__:
-        object.__delattr__(optimizer, "get_config")
-    state["active"] = False
-
-
-class InStepLearningRateCallback(IterationLearningRateCallback):
-    """Runs a learning-rate (and momentum) policy inside the compiled step.
-
-    For the length of `fit` the optimizer's learning rate is replaced by a
-    schedule that evaluates `learning_rate_tensor(optimizer.iterations)` in
-    the compiled training step, so every iteration gets its exact value (also
-    with `steps_per_execution > 1`) and nothing is assigned between batches.
-    With `cycles_momentum`, the optimizer's float `momentum` or `beta_1` is
-    replaced by a `CycledHyperparameter` that the schedule assigns
-    `momentum_tensor(optimizer.iterations)` at every step. After each batch the callback
-    reads the counter and writes the values of the last step into `logs`.
-
-    What stays as it was: the optimizer's tracked variables (the
-    learning-rate variable keeps its place, so `BackupAndRestore` checkpoints
-    and `.keras` files hold the same variables); its `get_config`, which
-    reports the current learning rate and momentum as floats (so a model
-    saved mid-`fit` by `ModelCheckpoint` loads without this package's
-    classes); and training outside this callback (`on_train_end` puts the
-    floats back, at their last values, and a `_GuardedTrainFunction` makes
-    any other `fit` trace a plain step, even after a `fit` that raised). The
-    traced step is kept for the next `fit` with an equal policy, so repeated
-    `fit` calls trace once.
-
-    On the JAX backend the policy is not put in the step: JAX caches compiled
-    steps by function, so a later `fit` would reuse a step with (or without)
-    the policy regardless of the optimizer's state. There the callback falls
-    back to `IterationLearningRateCallback`'s per-batch assignment (the rate
-    held over groups of `steps_per_execution`) and refuses momentum cycling.
-
-    Subclasses implement `learning_rate_at` / `learning_rate_tensor`
-    (Python float / tensor of the 0-based iteration), `policy_key()` (equal
-    for policies that trace the same step) and, to cycle the momentum, set
-    `self.cycles_momentum = True` and implement `momentum_at` /
-    `momentum_tensor`.
+    Batch and epoch `logs` get the `learning_rate` (and `momentum`) of the
+    last step taken, as the optimizer holds it, so `History` and
+    `TensorBoard` (which reads `optimizer.learning_rate`) agree, and so does
+    `CSVLogger` listed after this callback (Keras hands the epoch logs to the
+    callbacks in order).
 
     Args:
-        verbose: int. 0 is silent, 1 prints the learning rate (and momentum)
-            at each epoch end. Defaults to `0`.
+        verbose: int. 0 is silent, 1 prints the learning rate at each epoch
+            end. Defaults to `0`.
     """
 
-    _STATE = "_keras_regkit_in_step_policy"
+    # The schedule that gives exact per-iteration rates inside the step,
+    # named in the `steps_per_execution` warning.
+    schedule_form = None
 
     def __init__(self, verbose=0):
-        super().__init__(verbose=verbose)
+        super().__init__()
+        self.verbose = check_verbose(verbose)
         self.cycles_momentum = False
+        self._last_learning_rate = None
         self._last_momentum = None
-        self._momentum_attribute = None
-        self._installed = None
-        self._in_step = True
+        self._momentum = None
+        self._rate_dtype = "float32"
+        self._warned = set()
 
-    def learning_rate_tensor(self, iteration):
+    def learning_rate_at(self, iteration):
         raise NotImplementedError
 
     def momentum_at(self, iteration):
         raise NotImplementedError
 
-    def momentum_tensor(self, iteration):
-        raise NotImplementedError
-
-    def policy_key(self):
-        raise NotImplementedError
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
 
     def check_optimizer(self, optimizer):
-        inner = _inner_optimizer(optimizer)
-        state = inner.__dict__.get(self._STATE)
-        if state is not None and inner._learning_rate is state["schedule"]:
-            # Left in place by a `fit` that raised; `_install` takes over.
-            return
-        super().check_optimizer(optimizer)
+        """Raises `ValueError` if `optimizer`'s learning rate can't be set."""
+        rate = inner_optimizer(optimizer).learning_rate
+        settable = isinstance(rate, keras.Variable)
+        if not settable:
+            raise ValueError(
+                f"{type(self).__name__} sets the learning rate itself, but the "
+                "optimizer's learning rate is a `LearningRateSchedule` or a "
+                "callable, which cannot be set (`optimizer.learning_rate` is "
+                "not a variable). Compile with a float learning rate (e.g. "
+                f"`{type(optimizer).__name__}(learning_rate=1e-3)`), or use "
+                "the schedule alone without this callback."
+            )
+
+    def steps_per_execution_note(self, group):
+        """The warning given when `steps_per_execution > 1` (`None`: none)."""
+        held = f"the learning rate is set once per execution, held for {group}"
+        if self.cycles_momentum:
+            held += " steps, and the momentum is not cycled"
+        else:
+            held += " steps"
+        note = (
+            f"{type(self).__name__}: the model was compiled with "
+            f"steps_per_execution={group}, so Keras calls batch callbacks "
+            f"once per {group} steps: {held}."
+        )
+        if self.schedule_form:
+            note += (
+                " For a learning rate exact at every iteration, compile the "
+                f"optimizer with `{self.schedule_form}` instead."
+            )
+        return note
+
+    def warn_once(self, message):
+        """Warns with `message` once per callback."""
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=3)
 
     def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._in_step = keras.backend.backend() != "jax"
-        if self._in_step:
-            self._install()
-        elif self.cycles_momentum:
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
             raise ValueError(
-                f"{type(self).__name__} cannot cycle the momentum on the JAX "
-                "backend: the JAX trainer reuses its compiled step across "
-                "`fit` calls, so the momentum cannot be computed inside it, "
-                "and the optimizer's float momentum is a constant of that "
-                "step. Pass `base_momentum=None, max_momentum=None` to cycle "
-                "only the learning rate, or use the TensorFlow backend."
+                f"{type(self).__name__} needs a compiled model with an "
+                "optimizer. Call `model.compile(optimizer=...)` before `fit`."
             )
+        self.check_optimizer(optimizer)
+        claim(self, "learning_rate")
+        self._rate_dtype = inner_optimizer(optimizer).learning_rate.dtype
+        self._last_learning_rate = None
+        self._last_momentum = None
+        self._momentum = None
+        group = steps_per_execution(self.model)
+        if group > 1:
+            note = self.steps_per_execution_note(group)
+            if note:
+                self.warn_once(note)
+        if self.cycles_momentum and group == 1:
+            self._momentum = self._momentum_cycle(optimizer)
+
+    def _momentum_cycle(self, optimizer):
+        """An `_SGDMomentum` for `optimizer`, or `None` after a warning."""
+        inner = inner_optimizer(optimizer)
+        name = type(inner).__name__
+        if isinstance(inner, keras.optimizers.SGD):
+            if not inner.momentum:
+                reason = (
+                    f"the optimizer {name} was created with momentum=0, so "
+                    "it keeps no momentum to cycle"
+                )
+            elif getattr(inner, "gradient_accumulation_steps", None):
+                reason = (
+                    f"the optimizer {name} accumulates gradients, so it "
+                    "updates its momentum only every few iterations"
+                )
+            else:
+                return _SGDMomentum(inner)
+        elif hasattr(inner, "beta_1") or hasattr(inner, "momentum"):
+            attribute = "beta_1" if hasattr(inner, "beta_1") else "momentum"
+            reason = (
+                f"the optimizer {name} reads its `{attribute}` as a constant "
+                "of the compiled training step, which a callback cannot "
+                "change between steps"
+            )
+        else:
+            reason = f"the optimizer {name} has no momentum"
+        self.warn_once(
+            f"{type(self).__name__} cycles the learning rate only: {reason}. "
+            "The momentum is cycled with `keras.optimizers.SGD(momentum=...)` "
+            "(momentum > 0); pass `base_momentum=None, max_momentum=None` to "
+            "cycle the learning rate alone without this warning."
+        )
+        return None
 
     def on_train_batch_begin(self, batch, logs=None):
-        if not self._in_step:
-            super().on_train_batch_begin(batch, logs)
+        sync_model_state(self.model)
+        optimizer = self.model.optimizer
+        iteration = read_iterations(optimizer)
+        learning_rate = self.learning_rate_at(iteration)
+        inner_optimizer(optimizer).learning_rate = learning_rate
+        # What the optimizer holds (and TensorBoard reads): the variable's
+        # dtype, float32 by default.
+        self._last_learning_rate = float(
+            np.asarray(learning_rate, dtype=self._rate_dtype)
+        )
+        if self._momentum is not None:
+            momentum = self.momentum_at(iteration)
+            self._momentum.before_step(iteration, momentum)
+            self._last_momentum = momentum
 
     def on_train_batch_end(self, batch, logs=None):
-        if not self._in_step:
-            super().on_train_batch_end(batch, logs)
-            return
-        self._read_current()
+        if self._momentum is not None:
+            self._momentum.after_step(self.model)
         if logs is not None:
-            logs.update(self._current_logs())
+            logs.update(self.current_logs())
 
-    def on_epoch_end(self, epoch, logs=None):
-        if not self._in_step:
-            super().on_epoch_end(epoch, logs)
-            return
-        if self._installed is None:
-            return
-        self._read_current()
-        _, state = self._installed
-        # Checkpoints written at the epoch end hold the current rate.
-        state["variable"].assign(self._last_learning_rate)
-        if logs is not None:
-            logs.update(self._current_logs())
-        if self.verbose:
-            parts = [f"learning rate {self._last_learning_rate:.6g}"]
-            if self._momentum_attribute is not None:
-                parts.append(
-                    f"{self._momentum_attribute} {self._last_momentum:.6g}"
-                )
-            print(
-                f"\nEpoch {epoch + 1}: {type(self).__name__} "
-                f"{', '.join(parts)}."
-            )
-
-    def on_train_end(self, logs=None):
-        if self._installed is None:
-            return
-        self._read_current()
-        optimizer, state = self._installed
-        _remove_policy(optimizer, state)
-        self._installed = None
-
-    def _current_logs(self):
+    def current_logs(self):
+        """`{"learning_rate": ..., "momentum": ...}` of the last step taken."""
+        if self._last_learning_rate is None:
+            return {}
         logs = {"learning_rate": self._last_learning_rate}
-        if self._momentum_attribute is not None:
-            logs[self._momentum_attribute] = self._last_momentum
+        if self._momentum is not None and self._last_momentum is not None:
+            logs["momentum"] = self._last_momentum
         return logs
 
-    def _read_current(self):
-        """The values of the last step taken (of iteration 0 before any)."""
-        sync_model_state(self.model)
-        optimizer, state = self._installed
-        iteration = max(read_iterations(optimizer) - 1, 0)
-        self._last_learning_rate = self.learning_rate_at(iteration)
-        state["learning_rate"] = self._last_learning_rate
-        if self._momentum_attribute is not None:
-            self._last_momentum = self.momentum_at(iteration)
-            state["momentum_value"] = self._last_momentum
+    def on_epoch_end(self, epoch, logs=None):
+        current = self.current_logs()
+        if not current:
+            return
+        if logs is not None:
+            logs.update(current)
+        if self.verbose:
+            parts = ", ".join(f"{k} {v:.6g}" for k, v in current.items())
+            print(f"\nEpoch {epoch + 1}: {type(self).__name__} {parts}.")
 
-    def _momentum_variable(self, optimizer, state):
-        owner = type(self).__name__
-        attribute = next(
-            (a for a in MOMENTUM_ATTRIBUTES if hasattr(optimizer, a)), None
+    def on_train_end(self, logs=None):
+        release(self, "learning_rate")
+        self._momentum = None
+
+
+def _scaled(slots, _, factor):
+    return [ops.multiply(m, ops.cast(factor, m.dtype)) for m in slots]
+
+
+def _nesterov_corrected(weights, slots, coefficient):
+    return [
+        ops.add(w, ops.multiply(ops.cast(coefficient, w.dtype), m))
+        for w, m in zip(weights, slots)
+    ]
+
+
+# optimizer -> {kind: update function}, so that consecutive `fit` calls (and
+# new callbacks on the same optimizer) reuse the traced functions.
+_UPDATES = weakref.WeakKeyDictionary()
+_COMPILED = {}
+
+
+def _variable_update(targets, sources, function):
+    """`update(scalar)`: each of `targets` becomes `function(...)`'s value.
+
+    `function(target_values, source_values, scalar)` is a pure `keras.ops`
+    function. On TensorFlow one `tf.function` reads and assigns every
+    variable (one dispatch per call, where eager code would dispatch two
+    operations per variable); elsewhere the function is compiled by
+    `keras_regkit._training.compiled` and its outputs are assigned.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(autograph=False)
+        def assign_all(scalar):
+            values = function(
+                [t.value for t in targets], [s.value for s in sources], scalar
+            )
+            for target, value in zip(targets, values):
+                target.assign(value)
+
+        return lambda scalar: assign_all(np.float32(scalar))
+    pure = _COMPILED.get(function)
+    if pure is None:
+        pure = _COMPILED[function] = compiled(function)
+
+    def assign_all(scalar):
+        values = pure(
+            [t.value for t in targets],
+            [s.value for s in sources],
+            np.float32(scalar),
         )
-        if attribute is None:
-            raise ValueError(
-                f"{owner} cycles the momentum, but the optimizer "
-                f"{type(optimizer).__name__} has neither `momentum` nor "
-                "`beta_1`. Use an optimizer that has one (SGD or RMSprop "
-                "with momentum > 0, Adam, AdamW, Nadam, Adamax, Lion), or "
-                "pass `base_momentum=None, max_momentum=None`."
+        for target, value in zip(targets, values):
+            target.assign(value)
+
+    return assign_all
+
+
+class _SGDMomentum:
+    """Per-iteration momentum for `keras.optimizers.SGD` (momentum > 0).
+
+    Keras SGD updates `m = beta0 * m - lr * g; w += m` (Nesterov:
+    `w += beta0 * m - lr * g`), with `beta0` the float it was built with,
+    compiled into the step. Scaling the momentum slots by `beta / beta0` just
+    before a step makes that step `m = beta * m - lr * g`; for Nesterov,
+    adding `(beta - beta0) * m` to the weights after the step completes
+    `w += beta * m - lr * g`. Both are exact for that iteration.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.beta = float(optimizer.momentum)
+        self.nesterov = bool(optimizer.nesterov)
+        # (iteration, ratio) of the last rescale; the step may not have
+        # happened yet (or been skipped by a LossScaleOptimizer).
+        self.pending = None
+
+    def _slots(self):
+        return [m for m in self.optimizer.momentums if m is not None]
+
+    def _update(self, kind, make):
+        updates = _UPDATES.setdefault(self.optimizer, {})
+        if kind not in updates:
+            updates[kind] = make()
+        return updates[kind]
+
+    def before_step(self, iteration, momentum):
+        if self.pending is not None and self.pending[0] == iteration:
+            return  # already scaled for this iteration
+        ratio = momentum / self.beta
+        self.pending = (iteration, ratio)
+        # An unbuilt optimizer creates its slots at zero: nothing to scale.
+        if ratio != 1.0 and self.optimizer.built:
+            scale = self._update(
+                "scale", lambda: _variable_update(self._slots(), [], _scaled)
             )
-        value = getattr(optimizer, attribute)
-        if isinstance(value, CycledHyperparameter):
-            value = value.built_value
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(
-                f"{owner} cycles the momentum, but the optimizer's "
-                f"`{attribute}` is not a float (received: {attribute}="
-                f"{value!r}). Create the optimizer with a float "
-                f"`{attribute}`, or pass `base_momentum=None, "
-                "max_momentum=None`."
+            scale(ratio)
+
+    def after_step(self, model):
+        if not self.nesterov or self.pending is None:
+            return
+        iteration, ratio = self.pending
+        sync_model_state(model)
+        if read_iterations(model.optimizer) != iteration + 1:
+            return  # the step was skipped
+        coefficient = self.beta * ratio - self.beta
+        if coefficient:
+            self._update("nesterov", lambda: self._nesterov_update(model))(
+                coefficient
             )
-        if attribute == "momentum" and value == 0:
-            name = type(optimizer).__name__
-            raise ValueError(
-                f"{owner} cycles the momentum, but the optimizer {name} was "
-                "created with momentum=0.0, so it keeps no momentum slots. "
-                f"Create it with a positive momentum, e.g. `keras.optimizers."
-                f"{name}(learning_rate=0.01, momentum=0.9)`, or pass "
-                "`base_momentum=None, max_momentum=None`."
-            )
-        variable = state["momentum"]
-        if (
-            variable is None
-            or variable.name_in_optimizer != attribute
-            or variable.built_value != value
+        self.pending = None
+
+    def _nesterov_update(self, model):
+        weights = list(model.trainable_variables)
+        slots = list(self.optimizer.momentums)
+        if len(weights) != len(slots) or any(
+            m is not None and tuple(m.shape) != tuple(w.shape)
+            for w, m in zip(weights, slots)
         ):
-            variable = CycledHyperparameter(value, name=f"cycled_{attribute}")
-            variable.name_in_optimizer = attribute
-            state["momentum"] = variable
-        return variable
-
-    def _install(self):
-        model = self.model
-        optimizer = _inner_optimizer(model.optimizer)
-        state = optimizer.__dict__.get(self._STATE)
-        if state is None:
-            state = {
-                "variable": optimizer._learning_rate,
-                "schedule": _InStepSchedule(),
-                "momentum": None,
-                "momentum_value": None,
-                "function": None,
-                "key": None,
-                "history": None,
-                "active": False,
-                "learning_rate": None,
-            }
-            object.__setattr__(optimizer, self._STATE, state)
-        elif optimizer._learning_rate is not state["schedule"]:
-            state["variable"] = optimizer._learning_rate
-        momentum = None
-        if self.cycles_momentum:
-            momentum = self._momentum_variable(optimizer, state)
-        elif state["active"] and state["momentum_value"] is not None:
-            # A `fit` that raised left its momentum variable in place.
-            object.__setattr__(
-                optimizer,
-                state["momentum"].name_in_optimizer,
-                state["momentum_value"],
+            raise ValueError(
+                "Cycling the momentum of Nesterov SGD corrects each weight "
+                "with its momentum slot, but the model's trainable variables "
+                "no longer match the variables the optimizer was built with "
+                "(a layer was frozen or added after the first `fit`). "
+                "Compile the model again with a new optimizer."
             )
-        state["momentum_value"] = None
-
-        def learning_rate():
-            return self.learning_rate_tensor(optimizer.iterations)
-
-        schedule = state["schedule"]
-        schedule.in_step = learning_rate
-        schedule.momentum, schedule.momentum_in_step = None, None
-        object.__setattr__(optimizer, "_learning_rate", schedule)
-        self._momentum_attribute = None
-        if momentum is not None:
-
-            def momentum_value():
-                return self.momentum_tensor(optimizer.iterations)
-
-            schedule.momentum = momentum
-            schedule.momentum_in_step = momentum_value
-            self._momentum_attribute = momentum.name_in_optimizer
-            object.__setattr__(optimizer, self._momentum_attribute, momentum)
-        object.__setattr__(
-            optimizer, "get_config", self._float_config(optimizer, state)
+        pairs = [(w, m) for w, m in zip(weights, slots) if m is not None]
+        return _variable_update(
+            [w for w, _ in pairs], [m for _, m in pairs], _nesterov_corrected
         )
-        self._installed = (optimizer, state)
-        state["active"] = True
-        state["history"] = model.history
-        self._read_current()
-
-        key = (type(self), self.policy_key())
-        guarded = model.train_function
-        if not (
-            isinstance(guarded, _GuardedTrainFunction)
-            and guarded.state is state
-            and state["function"] is guarded.function
-            and state["key"] == key
-        ):
-            # Trace a step with the policy in it (the first call traces).
-            model.make_train_function(force=True)
-            state["function"] = model.train_function
-            state["key"] = key
-            model.train_function = _GuardedTrainFunction(
-                model, optimizer, state, state["function"]
-            )
-
-    def _float_config(self, optimizer, state):
-        get_config = type(optimizer).get_config.__get__(optimizer)
-
-        def float_config():
-            installed = optimizer._learning_rate
-            object.__setattr__(optimizer, "_learning_rate", state["variable"])
-            try:
-                config = get_config()
-            finally:
-                object.__setattr__(optimizer, "_learning_rate", installed)
-            config["learning_rate"] = state["learning_rate"]
-            momentum = state["momentum"]
-            if momentum is not None and state["momentum_value"] is not None:
-                config[momentum.name_in_optimizer] = state["momentum_value"]
-            return config
-
-        return float_config

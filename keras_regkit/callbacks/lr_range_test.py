@@ -2,22 +2,26 @@
 
 import math
 import numbers
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_regkit._utils import argument_error
+from keras_regkit._training import read_iterations
+from keras_regkit._training import sync_model_state
 from keras_regkit._utils import atomic_path
-from keras_regkit._utils import check_choice
-from keras_regkit._utils import check_float_in_range
+from keras_regkit._utils import check_path
+from keras_regkit._validation import argument_error
+from keras_regkit._validation import check_choice
+from keras_regkit._validation import check_float_in_range
+from keras_regkit._validation import check_int
 from keras_regkit.callbacks._learning_rate import IterationLearningRateCallback
-from keras_regkit.callbacks._learning_rate import read_iterations
-from keras_regkit.callbacks._learning_rate import sync_model_state
 
 __all__ = ["LRRangeTest", "lr_range_test"]
 
 MODES = ("exponential", "linear")
+STEPS_PER_DECADE = 20
 
 
 def _smooth(losses, smoothing):
@@ -33,77 +37,62 @@ def _snapshot(variables):
     return [np.array(ops.convert_to_numpy(v), copy=True) for v in variables]
 
 
+def default_steps(min_lr, max_lr, mode):
+    """The ramp's length when `steps=None`: 20 per decade (100 if linear)."""
+    if mode == "linear":
+        return 100
+    decades = math.log10(max_lr / min_lr)
+    return max(2, math.ceil(STEPS_PER_DECADE * decades) + 1)
+
+
 @keras.saving.register_keras_serializable(package="keras_regkit")
 class LRRangeTest(IterationLearningRateCallback):
-    """The learning-rate range test: ramp the rate, watch the loss (Smith, 2017).
+    """The learning-rate range test: ramp the rate, watch the loss.
 
     During a short `fit` the learning rate grows from `min_lr` to `max_lr`
-    over `steps` batches (geometrically or linearly), one value per batch,
-    while the callback records each batch's own loss. Keras reports a running
-    mean of the epoch in the batch logs, which lags and flattens the curve
-    (an earlier Keras LR finder was misled by it), so the callback resets the
-    model's metrics before every batch and reads the batch loss alone. It
-    stops at `steps` batches or when the loss diverges (the smoothed loss
-    above `divergence_factor` times the best so far, or a non-finite loss),
-    and at the end restores the model's variables (weights, non-trainable
-    state and random-seed state) and the optimizer's variables (slots, step
-    counter, learning rate) bit for bit, so training afterwards proceeds as if
-    the test never ran. Evaluation and inference are untouched.
-
-    With `i` counting batches from 0 and `n = steps`:
+    over `steps` batches while the callback records each batch's own loss
+    (it resets the model's metrics before every batch, since Keras logs a
+    running mean that lags the curve). It stops after `steps` batches or when
+    the loss diverges, then restores the model's and the optimizer's
+    variables bit for bit, so training afterwards proceeds as if the test
+    never ran. With `i` counting batches from 0 and `n = steps`:
 
     ```
     exponential: lr_i = min_lr * (max_lr / min_lr) ** (i / (n - 1))
     linear:      lr_i = min_lr + (max_lr - min_lr) * i / (n - 1)
-    smoothed_i = ema_i / (1 - smoothing ** (i + 1)),
-        ema_i = smoothing * ema_{i-1} + (1 - smoothing) * loss_i
     ```
 
-    Reading the curve as the paper does (bounds where the curve starts to
-    improve and where it "slows, becomes ragged, or starts to fall"), on the
-    loss instead of accuracy because every model has one: the loss stops
-    decreasing at `min_loss_lr`, the minimum of the loss smoothed forwards
-    and backwards (which removes the moving average's lag). The suggestion is
-    `max_lr = min_loss_lr` and `base_lr = max_lr / 4` (the paper's rule of
-    thumb of 1/3 to 1/4); `max_lr` also serves as the peak of `OneCycle`. A
-    fast ramp overstates the usable rate (the loss, and momentum, lag the
-    rising rate): give the test about 20 or more steps per decade of the
-    range. The fastai learning-rate finder's more cautious reading is
-    `min_loss_lr / 10`.
-
-    Use `lr_range_test(model, x, y, ...)` to run the test in one call. With
-    `steps_per_execution > 1` Keras reports only every N-th batch, so the
-    test refuses it.
+    The loss, smoothed forwards and backwards (no lag), is lowest at
+    `min_loss_lr`; the `suggestion` is `max_lr = min_loss_lr` and
+    `base_lr = max_lr / 4` (the paper's 1/3 to 1/4; fastai reads the more
+    cautious `min_loss_lr / 10`). A fast ramp overstates the usable rate, so
+    the default gives the ramp 20 steps per decade. It warns when the lowest
+    loss sits at either end of the range. `lr_range_test` runs it in one
+    call; `steps_per_execution > 1` is refused (Keras then reports one batch
+    in N).
 
     Args:
         min_lr: float. The first learning rate, `> 0`. Defaults to `1e-7`.
         max_lr: float. The last learning rate, `> min_lr`. Defaults to `10.0`.
-        steps: int. Batches in the ramp, `>= 2`. Defaults to `100`.
-        mode: str. `"exponential"` (even steps on a log axis, the usual
-            choice) or `"linear"`. Defaults to `"exponential"`.
+        steps: int or `None`. Batches in the ramp, `>= 2`. `None` gives 20
+            per decade of `[min_lr, max_lr]` (100 for `"linear"`). Defaults to
+            `None`.
+        mode: str. `"exponential"` or `"linear"`. Defaults to
+            `"exponential"`.
         smoothing: float. The moving average's weight of the past, in
             `[0, 1)`. Defaults to `0.9`.
         divergence_factor: float. Stop when the smoothed loss exceeds this
-            multiple of the best smoothed loss, `> 1`. Defaults to `4.0`.
-        verbose: int. 1 prints the outcome when the test ends. Defaults to
-            `0`.
+            multiple of the best one so far, `> 1`. Defaults to `4.0`.
+        verbose: int. 1 prints progress and the outcome. Defaults to `0`.
 
     Attributes:
         learning_rates: list of float. The learning rate of each batch run.
         losses: list of float. Each batch's own loss.
-        smoothed_losses: list of float. The moving average above.
-        divergence_lr: float or `None`. The learning rate at which the loss
-            diverged, or `None` if it never did.
-        min_loss_lr: float. The learning rate at the minimum of the smoothed
-            loss.
-        suggestion: dict `{"base_lr", "max_lr"}` for `CyclicLR(**suggestion,
-            step_size=...)`; `max_lr` also suits `OneCycle`.
-
-    Raises:
-        ValueError: in `__init__` for a bad argument; in `on_train_begin` for
-            an optimizer whose learning rate is a schedule or
-            `steps_per_execution > 1`; from `suggestion` if fewer than 3
-            batches ran before the loss diverged.
+        smoothed_losses: list of float. Their bias-corrected moving average.
+        divergence_lr: float or `None`. Where the loss diverged, if it did.
+        min_loss_lr: float. Where the centred smoothed loss is lowest.
+        suggestion: dict `{"base_lr", "max_lr"}` for `CyclicLR`; `max_lr`
+            also suits `OneCycle`.
 
     Example:
 
@@ -115,8 +104,6 @@ class LRRangeTest(IterationLearningRateCallback):
     >>> before = [w.copy() for w in model.get_weights()]
     >>> test = lr_range_test(model, x, y, batch_size=16, min_lr=1e-4,
     ...                      max_lr=10.0, steps=60)
-    >>> test.divergence_lr is not None
-    True
     >>> test.suggestion["max_lr"] < test.divergence_lr
     True
     >>> all((a == b).all() for a, b in zip(before, model.get_weights()))
@@ -130,7 +117,7 @@ class LRRangeTest(IterationLearningRateCallback):
         self,
         min_lr=1e-7,
         max_lr=10.0,
-        steps=100,
+        steps=None,
         mode="exponential",
         smoothing=0.9,
         divergence_factor=4.0,
@@ -141,23 +128,19 @@ class LRRangeTest(IterationLearningRateCallback):
             "min_lr", min_lr, 0.0, math.inf, False, False
         )
         if (
-            isinstance(max_lr, bool)
+            isinstance(max_lr, (bool, np.bool_))
             or not isinstance(max_lr, numbers.Real)
             or not math.isfinite(max_lr)
             or max_lr <= self.min_lr
         ):
             raise argument_error(
-                "max_lr", f"a float > min_lr={self.min_lr!r}", max_lr
+                "max_lr", f"a finite float > min_lr={self.min_lr!r}", max_lr
             )
         self.max_lr = float(max_lr)
-        if (
-            isinstance(steps, bool)
-            or not isinstance(steps, numbers.Integral)
-            or steps < 2
-        ):
-            raise argument_error("steps", "an int >= 2", steps)
-        self.steps = int(steps)
         self.mode = check_choice("mode", mode, MODES)
+        if steps is None:
+            steps = default_steps(self.min_lr, self.max_lr, self.mode)
+        self.steps = check_int("steps", steps, minimum=2)
         self.smoothing = check_float_in_range(
             "smoothing", smoothing, 0.0, 1.0, True, False
         )
@@ -183,15 +166,18 @@ class LRRangeTest(IterationLearningRateCallback):
             return self.min_lr + (self.max_lr - self.min_lr) * fraction
         return self.min_lr * (self.max_lr / self.min_lr) ** fraction
 
+    def steps_per_execution_note(self, group):
+        return None  # refused in `on_train_begin`
+
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        spe = getattr(self.model, "steps_per_execution", 1) or 1
-        if spe > 1:
+        group = getattr(self.model, "steps_per_execution", 1) or 1
+        if group > 1:
             raise ValueError(
                 "LRRangeTest needs the loss of every batch, but the model "
-                f"was compiled with steps_per_execution={spe}, so Keras "
-                "reports one batch in every "
-                f"{spe}. Compile with steps_per_execution=1 for the test."
+                f"was compiled with steps_per_execution={group}, so Keras "
+                f"reports one batch in every {group}. Compile with "
+                "steps_per_execution=1 for the test."
             )
         sync_model_state(self.model)
         optimizer = self.model.optimizer
@@ -213,7 +199,8 @@ class LRRangeTest(IterationLearningRateCallback):
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
         loss = float((logs or {}).get("loss", math.nan))
-        self.learning_rates.append(self._last_learning_rate)
+        rate = self._last_learning_rate
+        self.learning_rates.append(rate)
         self.losses.append(loss)
         count = len(self.losses)
         if math.isfinite(loss):
@@ -222,11 +209,16 @@ class LRRangeTest(IterationLearningRateCallback):
             )
         smoothed = self._average / (1.0 - self.smoothing**count)
         self.smoothed_losses.append(smoothed)
+        if self.verbose and count % max(1, self.steps // 10) == 0:
+            print(
+                f"LRRangeTest: batch {count}/{self.steps}, lr={rate:.3g}, "
+                f"loss={loss:.4g}"
+            )
         if (
             not math.isfinite(loss)
             or smoothed > self.divergence_factor * self._best
         ):
-            self.divergence_lr = self._last_learning_rate
+            self.divergence_lr = rate
             self.model.stop_training = True
             return
         self._best = min(self._best, smoothed)
@@ -240,19 +232,37 @@ class LRRangeTest(IterationLearningRateCallback):
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
         self.restore()
+        try:
+            rates, centered = self.centered_losses()
+        except ValueError:
+            rates = None
+        if rates is not None:
+            lowest = int(np.argmin(centered))
+            if lowest == 0:
+                self.warn_once(
+                    "LRRangeTest: the loss was lowest at the first learning "
+                    f"rate, {rates[0]:.3g}, so the range starts too high to "
+                    "show where the loss begins to fall. Lower `min_lr`."
+                )
+            elif lowest == len(rates) - 1 and self.divergence_lr is None:
+                self.warn_once(
+                    "LRRangeTest: the loss was still falling at the end of "
+                    f"the range (lowest at the last learning rate, "
+                    f"{rates[-1]:.3g}), so the suggestion only bounds the "
+                    "usable rate from below. Raise `max_lr`."
+                )
         if self.verbose:
             outcome = (
                 f"diverged at lr={self.divergence_lr:.3g}"
                 if self.divergence_lr is not None
                 else "did not diverge"
             )
-            try:
+            suggestion = ""
+            if rates is not None:
                 suggestion = (
                     f"; suggested base_lr={self.suggestion['base_lr']:.3g}, "
                     f"max_lr={self.suggestion['max_lr']:.3g}"
                 )
-            except ValueError:
-                suggestion = ""
             print(
                 f"LRRangeTest: {len(self.losses)} batches from "
                 f"lr={self.min_lr:.3g}, {outcome}{suggestion}. Model and "
@@ -309,20 +319,25 @@ class LRRangeTest(IterationLearningRateCallback):
         max_lr = self.min_loss_lr
         return {"base_lr": max_lr / 4.0, "max_lr": max_lr}
 
-    def plot(self, path):
-        """Writes the loss against the learning rate (log axis) to a PNG.
+    def plot(self, path=None, ax=None):
+        """Draws the loss against the learning rate.
 
         Args:
-            path: str or path-like. Where to write the image; written
-                atomically.
+            path: str, path-like or `None`. If given, the figure is written
+                there as a PNG (atomically). Defaults to `None`.
+            ax: a matplotlib `Axes` to draw on, or `None` for a new figure.
+                Defaults to `None`.
 
         Returns:
-            `path`.
+            The matplotlib `Axes` drawn on.
 
         Raises:
             ImportError: if matplotlib (the `plot` extra) is missing.
         """
+        if path is not None:
+            path = check_path("path", path)
         try:
+            from matplotlib.axes import Axes
             from matplotlib.figure import Figure
         except ImportError as error:
             raise ImportError(
@@ -330,8 +345,18 @@ class LRRangeTest(IterationLearningRateCallback):
                 "`pip install 'keras_regkit[plot]'` (or `pip install "
                 "matplotlib`)."
             ) from error
-        figure = Figure(figsize=(6.4, 4.2), dpi=100)
-        axes = figure.add_subplot()
+        if ax is None:
+            figure = Figure(figsize=(6.4, 4.2), dpi=100)
+            ax = figure.add_subplot()
+        elif not isinstance(ax, Axes):
+            raise argument_error("ax", "None or a matplotlib Axes", ax)
+        self._draw(ax)
+        if path is not None:
+            with atomic_path(path) as temporary:
+                ax.figure.savefig(temporary, format="png")
+        return ax
+
+    def _draw(self, axes):
         axes.plot(
             self.learning_rates,
             self.losses,
@@ -382,10 +407,6 @@ class LRRangeTest(IterationLearningRateCallback):
         axes.set_ylabel("loss")
         axes.set_title("Learning-rate range test")
         axes.legend(loc="best", fontsize="small")
-        figure.tight_layout()
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, format="png")
-        return path
 
     def get_config(self):
         return {
@@ -406,7 +427,7 @@ def lr_range_test(
     batch_size=None,
     min_lr=1e-7,
     max_lr=10.0,
-    steps=100,
+    steps=None,
     mode="exponential",
     smoothing=0.9,
     divergence_factor=4.0,
@@ -418,28 +439,24 @@ def lr_range_test(
 
     Calls `model.fit` with an `LRRangeTest` callback for up to `steps`
     batches (cycling through the data as often as needed), then puts the
-    model's and the optimizer's variables back exactly as they were, even if
-    `fit` raises. See `LRRangeTest` for the ramp, the smoothing and the
-    suggestion.
+    model's and the optimizer's variables, and NumPy's global random state
+    (which shuffling draws from on some backends), back as they were, even
+    if `fit` raises. A failure to write the plot is a warning: the finished
+    test is still returned.
 
     Args:
         model: A compiled `keras.Model` whose optimizer has a float learning
             rate and `steps_per_execution=1`.
-        x: Input data, as for `fit` (arrays, a `tf.data.Dataset`, a
-            `keras.utils.PyDataset`).
+        x: Input data, as for `fit`.
         y: Targets, as for `fit`. Defaults to `None`.
-        batch_size: int. As for `fit`. Defaults to `None` (32 for arrays).
-        min_lr: float. See `LRRangeTest`. Defaults to `1e-7`.
-        max_lr: float. Defaults to `10.0`.
-        steps: int. Defaults to `100`.
-        mode: str. Defaults to `"exponential"`.
-        smoothing: float. Defaults to `0.9`.
-        divergence_factor: float. Defaults to `4.0`.
-        plot_path: str, path-like or `None`. If given, the plot is written
-            there (needs matplotlib). Defaults to `None`.
-        verbose: int. 1 prints the outcome. Defaults to `0`.
-        **fit_kwargs: More arguments for `fit` (`shuffle`, `class_weight`,
-            `callbacks`, ...); not `epochs`.
+        batch_size: int or `None`. As for `fit`. Defaults to `None`.
+        min_lr, max_lr, steps, mode, smoothing, divergence_factor: As for
+            `LRRangeTest`.
+        plot_path: str, path-like or `None`. Where to write the plot as a
+            PNG (needs matplotlib). Defaults to `None`.
+        verbose: int. 1 prints progress and the outcome. Defaults to `0`.
+        **fit_kwargs: More arguments for `fit` (`shuffle`, `callbacks`, ...);
+            not `epochs`.
 
     Returns:
         The `LRRangeTest` callback, holding the curve and the `suggestion`.
@@ -451,9 +468,11 @@ def lr_range_test(
     >>> y = x.sum(axis=1, keepdims=True)
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     >>> model.compile(keras.optimizers.SGD(), loss="mse")
-    >>> test = lr_range_test(model, x, y, batch_size=16, steps=40)
+    >>> test = lr_range_test(model, x, y, batch_size=16, min_lr=1e-4,
+    ...                      max_lr=10.0, steps=40)
     >>> len(test.losses) <= 40
     True
+    >>> bounds = test.suggestion  # {"base_lr": ..., "max_lr": ...}
     """
     callback = LRRangeTest(
         min_lr=min_lr,
@@ -464,6 +483,19 @@ def lr_range_test(
         divergence_factor=divergence_factor,
         verbose=verbose,
     )
+    if getattr(model, "optimizer", None) is None or not isinstance(
+        model, keras.Model
+    ):
+        raise argument_error(
+            "model",
+            "a keras.Model compiled with an optimizer (call "
+            "`model.compile(optimizer=..., loss=...)` first)",
+            model,
+        )
+    if batch_size is not None:
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+    if plot_path is not None:
+        plot_path = check_path("plot_path", plot_path)
     if "epochs" in fit_kwargs:
         raise argument_error(
             "epochs",
@@ -472,6 +504,7 @@ def lr_range_test(
             fit_kwargs["epochs"],
         )
     callbacks = list(fit_kwargs.pop("callbacks", None) or [])
+    random_state = np.random.get_state()
     try:
         model.fit(
             x,
@@ -484,6 +517,17 @@ def lr_range_test(
         )
     finally:
         callback.restore()
+        np.random.set_state(random_state)
     if plot_path is not None:
-        callback.plot(plot_path)
+        try:
+            callback.plot(plot_path)
+        except (ImportError, OSError, RuntimeError, ValueError) as error:
+            warnings.warn(
+                "lr_range_test: the test finished, but its plot could not "
+                f"be written to {plot_path!r} ({type(error).__name__}: "
+                f"{error}). "
+                "The results are returned; call `test.plot(...)` to try "
+                "again.",
+                stacklevel=2,
+            )
     return callback

@@ -1,16 +1,12 @@
 """The OneCycle callback: the one-cycle policy of Smith & Topin for `fit`."""
 
-import warnings
-
 import keras
-from keras import ops
 
-from keras_regkit._utils import argument_error
-from keras_regkit.callbacks._learning_rate import InStepLearningRateCallback
+from keras_regkit._training import read_iterations
+from keras_regkit._training import sync_model_state
+from keras_regkit._validation import argument_error
+from keras_regkit.callbacks._learning_rate import IterationLearningRateCallback
 from keras_regkit.callbacks._learning_rate import check_momentum_bounds
-from keras_regkit.callbacks._learning_rate import read_iterations
-from keras_regkit.callbacks._learning_rate import sync_model_state
-from keras_regkit.schedules.cyclical_learning_rate import KerasMath
 from keras_regkit.schedules.cyclical_learning_rate import PythonMath
 from keras_regkit.schedules.one_cycle_learning_rate import OneCycleLearningRate
 from keras_regkit.schedules.one_cycle_learning_rate import (
@@ -24,50 +20,36 @@ __all__ = ["OneCycle"]
 
 
 @keras.saving.register_keras_serializable(package="keras_regkit")
-class OneCycle(InStepLearningRateCallback):
+class OneCycle(IterationLearningRateCallback):
     """The one-cycle learning-rate and momentum policy (Smith & Topin, 2017).
 
-    Over one training run the learning rate warms up from
-    `max_lr / div_factor` to `max_lr`, comes back down, and is annealed to
+    Over one run the learning rate warms up from `max_lr / div_factor` to
+    `max_lr`, comes back down and is annealed to
     `max_lr / div_factor / final_div_factor`, while the momentum moves the
-    other way (from `max_momentum` down to `base_momentum` during the warm-up
-    and back). Like `CyclicLR`, the callback puts the policy inside the
-    compiled training step as a function of the optimizer's own step counter
-    (`optimizer.iterations`), so each iteration gets its exact values (also
-    with `steps_per_execution > 1`) and the policy continues across `fit`
-    calls and `keras.callbacks.BackupAndRestore` resumption; after `fit` the
-    optimizer holds plain floats again. It writes `learning_rate` and the
-    momentum of the last step into the batch and epoch `logs` (list it before
-    `CSVLogger`), and does nothing at evaluation or inference.
+    other way (`max_momentum -> base_momentum -> max_momentum`). Before each
+    batch the callback sets `optimizer.learning_rate` from the optimizer's
+    step counter (`optimizer.iterations`), so the cycle continues across
+    `fit` calls and `BackupAndRestore` resumption; it raises `ValueError`
+    past `total_steps`, as PyTorch does. It writes the `learning_rate` (and
+    `momentum`) of the last step into the `logs`; list it before
+    `CSVLogger`. The phases and their closed form are those of
+    `keras_regkit.schedules.OneCycleLearningRate` (iterations
+    `pct_start * total_steps - 1`, `2 * pct_start * total_steps - 2` and
+    `total_steps - 1`; linear or cosine within each).
 
-    The closed form is that of
-    `keras_regkit.schedules.OneCycleLearningRate` (phases ending at
-    iterations `b1 = pct_start * total_steps - 1`,
-    `b2 = 2 * pct_start * total_steps - 2` and `total_steps - 1`, linear or
-    cosine within each); the momentum follows the same phases through
-    `max_momentum -> base_momentum -> max_momentum` and then stays at
-    `max_momentum` (three phases), or `max_momentum -> base_momentum ->
-    max_momentum` (two phases). It counts from the optimizer's iteration 0:
-    to run a new cycle on a trained model, compile it with a new optimizer.
-
-    On the JAX backend, which reuses compiled steps across `fit` calls, the
-    learning rate is set between batches instead (held over each group of
-    `steps_per_execution`) and the momentum cannot be cycled (pass
-    `base_momentum=None, max_momentum=None`). The schedule form,
-    `OneCycleLearningRate`, keeps the learning-rate policy in a saved model.
-
-    The defaults follow the paper (linear, three phases, the cycle taking 90%
-    of the run, momentum 0.95 to 0.85); `pct_start=0.3,
-    anneal_strategy="cos", three_phase=False` gives PyTorch's `OneCycleLR`.
+    The momentum is cycled exactly for `keras.optimizers.SGD` with
+    momentum > 0; with other optimizers (Adam's `beta_1` is a constant of the
+    compiled step), or SGD without momentum, the callback cycles the learning
+    rate only and says so once. With `steps_per_execution > 1` the rate is
+    set once per execution. The defaults follow the paper (linear, three
+    phases); `pct_start=0.3, anneal_strategy="cos", three_phase=False` gives
+    PyTorch's `OneCycleLR`.
 
     Args:
-        max_lr: float. The peak learning rate, `> 0`; the LR range test
-            (`keras_regkit.callbacks.lr_range_test`) suggests it.
-        total_steps: int or `None`. Iterations in the run. `None` takes
-            `epochs * steps_per_epoch` from `fit` at the start of training
-            (`epochs` is the index of the final epoch, so
-            `fit(epochs=E, initial_epoch=k)` ends the cycle at epoch `E`).
-            Defaults to `None`.
+        max_lr: float. The peak learning rate, `> 0`.
+        total_steps: int or `None`. Iterations in the run, counted from the
+            optimizer's iteration 0. `None` takes `epochs * steps_per_epoch`
+            from `fit`. Defaults to `None`.
         pct_start: float. Fraction of `total_steps` spent warming up, in
             `(0, 1)` (`(0, 0.5]` with three phases). Defaults to `0.45`.
         div_factor: float. The start is `max_lr / div_factor`, `>= 1`.
@@ -77,21 +59,13 @@ class OneCycle(InStepLearningRateCallback):
         anneal_strategy: str. `"linear"` or `"cos"`. Defaults to `"linear"`.
         three_phase: bool. Come back down to the start before the final
             annealing (the paper's form). Defaults to `True`.
-        base_momentum: float or `None`. The momentum at `max_lr` (`momentum`
-            of SGD and RMSprop, `beta_1` of the Adam family), in `[0, 1]`.
-            `None` with `max_momentum=None` leaves the momentum alone.
-            Defaults to `0.85`.
+        base_momentum: float or `None`. The momentum at `max_lr`, in
+            `[0, 1]`; `None` with `max_momentum=None` leaves the momentum
+            alone. Defaults to `0.85`.
         max_momentum: float or `None`. The momentum at the start and end, in
             `[base_momentum, 1]`. Defaults to `0.95`.
         verbose: int. 0 is silent, 1 prints the learning rate and momentum at
             each epoch end. Defaults to `0`.
-
-    Raises:
-        ValueError: in `__init__` for a bad argument; in `on_train_begin` for
-            an optimizer whose learning rate is a schedule, an optimizer
-            without `momentum`/`beta_1` (with momentum bounds), the JAX
-            backend (with momentum bounds), or when `total_steps=None` and
-            `fit` does not know its steps per epoch.
 
     Example:
 
@@ -111,6 +85,8 @@ class OneCycle(InStepLearningRateCallback):
     - [Smith, 2018](https://arxiv.org/abs/1803.09820)
     """
 
+    schedule_form = "keras_regkit.schedules.OneCycleLearningRate"
+
     def __init__(
         self,
         max_lr,
@@ -125,7 +101,7 @@ class OneCycle(InStepLearningRateCallback):
         verbose=0,
     ):
         super().__init__(verbose=verbose)
-        max_lr, pct_start, div_factor, final_div_factor = (
+        max_lr, pct_start, div_factor, final_div_factor, three_phase = (
             check_one_cycle_arguments(
                 "max_lr",
                 max_lr,
@@ -185,47 +161,35 @@ class OneCycle(InStepLearningRateCallback):
         sync_model_state(self.model)
         done = read_iterations(self.model.optimizer)
         if done >= self.schedule.total_steps:
-            warnings.warn(
-                f"OneCycle: the optimizer has already taken {done} iterations, "
-                f"at least total_steps={self.schedule.total_steps}, so the "
-                "learning rate stays at its final value. To run a new cycle, "
-                "compile the model with a new optimizer.",
-                stacklevel=2,
+            raise ValueError(
+                f"OneCycle: the optimizer has already taken {done} "
+                f"iterations, and the cycle ends at total_steps="
+                f"{self.schedule.total_steps}. To run a new cycle, compile "
+                "the model with a new optimizer; to make this one longer, "
+                "pass a larger `total_steps`."
             )
 
     def learning_rate_at(self, iteration):
+        total = self.schedule.total_steps
+        if iteration >= total:
+            raise ValueError(
+                f"OneCycle reached iteration {iteration}, past the end of "
+                f"its cycle (total_steps={total} covers iterations 0 to "
+                f"{total - 1}). Pass a larger `total_steps`, or train for "
+                "fewer steps."
+            )
         return self.schedule.python_value(iteration)
 
-    def learning_rate_tensor(self, iteration):
-        return self.schedule(iteration)
-
-    def _momentum(self, iteration, math_ops):
-        top, base = self.max_momentum, self.base_momentum
-        return one_cycle_value(
-            iteration,
-            self.schedule.boundaries,
-            one_cycle_anchors(top, base, top, self.three_phase),
-            self.anneal_strategy,
-            math_ops,
-        )
-
     def momentum_at(self, iteration):
-        return float(self._momentum(float(iteration), PythonMath))
-
-    def momentum_tensor(self, iteration):
-        return self._momentum(ops.cast(iteration, "float32"), KerasMath)
-
-    def policy_key(self):
-        return (
-            self.max_lr,
-            self.schedule.total_steps,
-            self.pct_start,
-            self.div_factor,
-            self.final_div_factor,
-            self.anneal_strategy,
-            self.three_phase,
-            self.base_momentum,
-            self.max_momentum,
+        top, base = self.max_momentum, self.base_momentum
+        return float(
+            one_cycle_value(
+                float(iteration),
+                self.schedule.boundaries,
+                one_cycle_anchors(top, base, top, self.three_phase),
+                self.anneal_strategy,
+                PythonMath,
+            )
         )
 
     def get_config(self):

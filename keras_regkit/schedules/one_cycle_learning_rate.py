@@ -4,13 +4,16 @@ import math
 import numbers
 
 import keras
+import numpy as np
 from keras import ops
 
-from keras_regkit._utils import argument_error
-from keras_regkit._utils import check_choice
-from keras_regkit._utils import check_float_in_range
+from keras_regkit._validation import argument_error
+from keras_regkit._validation import check_bool
+from keras_regkit._validation import check_choice
+from keras_regkit._validation import check_float_in_range
 from keras_regkit.schedules.cyclical_learning_rate import KerasMath
 from keras_regkit.schedules.cyclical_learning_rate import PythonMath
+from keras_regkit.schedules.cyclical_learning_rate import check_name
 
 __all__ = ["OneCycleLearningRate"]
 
@@ -28,7 +31,8 @@ def check_one_cycle_arguments(
 ):
     """Validates the arguments shared by `OneCycleLearningRate` and `OneCycle`.
 
-    Returns `(max_lr, pct_start, div_factor, final_div_factor)` as floats.
+    Returns `(max_lr, pct_start, div_factor, final_div_factor, three_phase)`
+    as Python floats and a bool.
     """
     max_lr = check_float_in_range(max_name, max_lr, 0.0, math.inf, False, False)
     pct_start = check_float_in_range(
@@ -41,8 +45,7 @@ def check_one_cycle_arguments(
         "final_div_factor", final_div_factor, 1.0, math.inf, True, False
     )
     check_choice("anneal_strategy", anneal_strategy, ANNEAL_STRATEGIES)
-    if not isinstance(three_phase, bool):
-        raise argument_error("three_phase", "a bool", three_phase)
+    three_phase = check_bool("three_phase", three_phase)
     if three_phase and pct_start > 0.5:
         raise argument_error(
             "pct_start",
@@ -50,7 +53,7 @@ def check_one_cycle_arguments(
             "way back down each take pct_start of the steps)",
             pct_start,
         )
-    return max_lr, pct_start, div_factor, final_div_factor
+    return max_lr, pct_start, div_factor, final_div_factor, three_phase
 
 
 def check_total_steps(total_steps, pct_start):
@@ -59,7 +62,7 @@ def check_total_steps(total_steps, pct_start):
         f"an int > 1 / pct_start = {1 / pct_start:.6g}, so that the warm-up "
         "lasts at least one step"
     )
-    if isinstance(total_steps, bool) or not isinstance(
+    if isinstance(total_steps, (bool, np.bool_)) or not isinstance(
         total_steps, numbers.Integral
     ):
         raise argument_error("total_steps", expected, total_steps)
@@ -104,13 +107,17 @@ def one_cycle_value(step, boundaries, anchors, anneal_strategy, math_ops):
         start = boundaries[i - 1] if i else 0.0
         fraction = (step - start) / (boundaries[i] - start)
         fraction = math_ops.minimum(math_ops.maximum(fraction, 0.0), 1.0)
+        # Exactly 1 from the phase's end on (compilers may divide by a
+        # rounded reciprocal): the linear form then gives `end` exactly.
+        fraction = math_ops.where(step >= boundaries[i], 1.0, fraction)
         begin, end = anchors[i], anchors[i + 1]
         if anneal_strategy == "cos":
             phase = end + (begin - end) / 2.0 * (
                 1.0 + math_ops.cos(math.pi * fraction)
             )
         else:
-            phase = begin + (end - begin) * fraction
+            # Exact at both ends, also in float32 (no cancellation).
+            phase = begin * (1.0 - fraction) + end * fraction
         if value is None:
             value = phase
         else:
@@ -122,35 +129,28 @@ def one_cycle_value(step, boundaries, anchors, anneal_strategy, math_ops):
 class OneCycleLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     """The one-cycle learning rate policy (Smith & Topin, 2017).
 
-    One cycle over the whole run: the learning rate warms up from
-    `maximal_learning_rate / div_factor` to `maximal_learning_rate`, comes
-    back down, and is then annealed to far below its start. As a
-    `LearningRateSchedule` it is evaluated inside the compiled training step
-    at every iteration from the optimizer's step counter, so it is exact with
-    `steps_per_execution > 1`, continues across `fit` calls and
-    `BackupAndRestore` resumption, and is saved with the optimizer. It does
-    nothing at inference. To cycle the momentum as well, use the
+    One cycle over the whole run: the rate warms up from
+    `initial = maximal_learning_rate / div_factor` to `maximal_learning_rate`,
+    comes back down, and is annealed to `final = initial / final_div_factor`.
+    The optimizer evaluates the schedule inside its compiled step from its own
+    counter, so it is exact with `steps_per_execution > 1`, continues across
+    `fit` calls and `BackupAndRestore` resumption, and is saved with the
+    optimizer. To cycle the momentum too, use the
     `keras_regkit.callbacks.OneCycle` callback.
 
-    With `T = total_steps`, `p = pct_start`, `initial = maximal / div_factor`
-    and `final = initial / final_div_factor`, the phases end at iterations
-    `b1 = p * T - 1`, `b2 = 2 * p * T - 2` and `T - 1` (`three_phase=True`),
-    or `b1` and `T - 1` (`three_phase=False`). Within a phase from `a` to `b`
-    moving from value `u` to `v`, with `f = (step - a) / (b - a)`:
+    With `T = total_steps` and `p = pct_start`, the phases end at iterations
+    `p * T - 1`, `2 * p * T - 2` and `T - 1` (three phases:
+    `initial -> maximal -> initial -> final`), or `p * T - 1` and `T - 1`
+    (two phases: `initial -> maximal -> final`). Within a phase from `a` to
+    `b` going from `u` to `v`, with `f = (step - a) / (b - a)`:
 
     ```
     linear: lr = u + (v - u) * f
     cos:    lr = v + (u - v) / 2 * (1 + cos(pi * f))
     ```
 
-    The three phases go `initial -> maximal -> initial -> final` (the paper:
-    a cycle of two equal steps, then the remaining iterations annealing
-    "several orders of magnitude" below); two phases go
-    `initial -> maximal -> final`. After `T - 1` the rate stays at `final`.
-
-    The defaults follow the paper (linear, three phases, the cycle taking 90%
-    of the run); `pct_start=0.3, anneal_strategy="cos", three_phase=False`
-    gives PyTorch's `OneCycleLR` and fastai's `fit_one_cycle` shape.
+    After `T - 1` the rate stays at `final`. `pct_start=0.3,
+    anneal_strategy="cos", three_phase=False` gives PyTorch's `OneCycleLR`.
 
     Args:
         maximal_learning_rate: float. The peak learning rate, `> 0`.
@@ -167,18 +167,6 @@ class OneCycleLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         name: str. Name scope of the operations. Defaults to
             `"OneCycleLearningRate"`.
 
-    Call arguments:
-        step: int or integer tensor. The 0-based iteration.
-
-    Returns:
-        A float32 scalar tensor, the learning rate at `step`.
-
-    Raises:
-        ValueError: for a non-positive `maximal_learning_rate`, `pct_start`
-            outside its range, `div_factor` or `final_div_factor` below 1, an
-            unknown `anneal_strategy`, or a `total_steps` too short for one
-            warm-up step.
-
     Example:
 
     >>> schedule = OneCycleLearningRate(1.0, total_steps=10, pct_start=0.3,
@@ -189,7 +177,6 @@ class OneCycleLearningRate(keras.optimizers.schedules.LearningRateSchedule):
 
     Reference:
     - [Smith & Topin, 2017](https://arxiv.org/abs/1708.07120)
-    - [Smith, 2018](https://arxiv.org/abs/1803.09820)
     """
 
     def __init__(
@@ -204,7 +191,7 @@ class OneCycleLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         name="OneCycleLearningRate",
     ):
         super().__init__()
-        maximal, pct_start, div_factor, final_div_factor = (
+        maximal, pct_start, div_factor, final_div_factor, three_phase = (
             check_one_cycle_arguments(
                 "maximal_learning_rate",
                 maximal_learning_rate,
@@ -222,7 +209,7 @@ class OneCycleLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.final_div_factor = final_div_factor
         self.anneal_strategy = anneal_strategy
         self.three_phase = three_phase
-        self.name = name
+        self.name = check_name(name, "OneCycleLearningRate")
         initial = maximal / div_factor
         final = initial / final_div_factor
         self.boundaries = one_cycle_boundaries(
