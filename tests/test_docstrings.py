@@ -12,8 +12,9 @@ import keras_regkit
 
 def _modules():
     names = [keras_regkit.__name__]
-    for info in pkgutil.walk_packages(keras_regkit.__path__,
-                                      prefix="keras_regkit."):
+    for info in pkgutil.walk_packages(
+        keras_regkit.__path__, prefix="keras_regkit."
+    ):
         names.append(info.name)
     return sorted(names)
 

@@ -18,8 +18,15 @@ def _np(x):
 def test_dense_harness(mask, inference):
     run_layer_checks(
         DropConnectDense,
-        dict(units=5, rate=0.4, mask=mask, inference=inference,
-             activation="relu", seed=7, gaussian_samples=16),
+        dict(
+            units=5,
+            rate=0.4,
+            mask=mask,
+            inference=inference,
+            activation="relu",
+            seed=7,
+            gaussian_samples=16,
+        ),
         (4, 6),
         expected_output_shape=(4, 5),
     )
@@ -32,9 +39,17 @@ def test_conv_harness(data_format, mask):
     out = (3, 5, 7, 4) if data_format == "channels_last" else (3, 4, 5, 7)
     run_layer_checks(
         DropConnectConv2D,
-        dict(filters=4, kernel_size=3, rate=0.3, mask=mask, seed=3,
-             data_format=data_format, inference="gaussian",
-             activation="relu", gaussian_samples=8),
+        dict(
+            filters=4,
+            kernel_size=3,
+            rate=0.3,
+            mask=mask,
+            seed=3,
+            data_format=data_format,
+            inference="gaussian",
+            activation="relu",
+            gaussian_samples=8,
+        ),
         shape,
         expected_output_shape=out,
     )
@@ -44,8 +59,9 @@ def test_conv_harness(data_format, mask):
 def test_dropped_fraction_within_binomial_bound(rate):
     # With an identity input, the output's rows are the masked kernel rows.
     units, inputs = 64, 64
-    layer = DropConnectDense(units, rate=rate, use_bias=False, seed=1,
-                             kernel_initializer="ones")
+    layer = DropConnectDense(
+        units, rate=rate, use_bias=False, seed=1, kernel_initializer="ones"
+    )
     eye = np.eye(inputs, dtype="float32")
     y = _np(layer(eye, training=True))
     dropped = np.mean(y == 0)
@@ -61,8 +77,9 @@ def test_batch_mask_shared_and_sample_mask_per_example():
     batch = DropConnectDense(8, rate=0.5, seed=2, use_bias=False)
     y = _np(batch(x, training=True))
     assert np.all(y == y[0]), "mask='batch' must share one mask per step"
-    sample = DropConnectDense(8, rate=0.5, seed=2, use_bias=False,
-                              mask="sample")
+    sample = DropConnectDense(
+        8, rate=0.5, seed=2, use_bias=False, mask="sample"
+    )
     y = _np(sample(x, training=True))
     assert len({row.tobytes() for row in y}) > 1, "masks are not per example"
 
@@ -100,8 +117,9 @@ def test_gaussian_inference_is_the_expected_relu():
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(8, 20)).astype("float64")
-    layer = DropConnectDense(4, rate=0.5, activation="relu",
-                             inference="gaussian", seed=3)
+    layer = DropConnectDense(
+        4, rate=0.5, activation="relu", inference="gaussian", seed=3
+    )
     out = _np(layer(x.astype("float32")))
     mean, std = _gaussian_moments(layer, x)
     z = mean / std
@@ -116,12 +134,13 @@ def test_gaussian_inference_of_a_sigmoid_is_the_gaussian_integral():
     # (0.0093 at 100 draws).
     rng = np.random.default_rng(4)
     x = rng.normal(size=(6, 30))
-    layer = DropConnectDense(5, rate=0.5, activation="sigmoid",
-                             inference="gaussian", seed=1)
+    layer = DropConnectDense(
+        5, rate=0.5, activation="sigmoid", inference="gaussian", seed=1
+    )
     out = _np(layer(x.astype("float32")))
     mean, std = _gaussian_moments(layer, x)
     grid = np.linspace(-8, 8, 4001)
-    density = np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi)
+    density = np.exp(-(grid**2) / 2) / np.sqrt(2 * np.pi)
     values = 1 / (1 + np.exp(-(mean[..., None] + std[..., None] * grid)))
     expected = (values * density).sum(-1) * (grid[1] - grid[0])
     np.testing.assert_allclose(out, expected, atol=1e-5)
@@ -133,8 +152,14 @@ def test_gaussian_inference_is_closer_to_training_passes_than_mean():
     # batch, mask="sample") against both inference rules.
     rng = np.random.default_rng(1)
     x = rng.normal(size=(4, 200)).astype("float32")
-    layer = DropConnectDense(4, rate=0.5, activation="sigmoid",
-                             inference="gaussian", mask="sample", seed=3)
+    layer = DropConnectDense(
+        4,
+        rate=0.5,
+        activation="sigmoid",
+        inference="gaussian",
+        mask="sample",
+        seed=3,
+    )
     layer.build(x.shape)
     draws = 4000
     passes = _np(layer(np.tile(x, (draws, 1)), training=True))
@@ -160,33 +185,43 @@ def test_inference_is_fixed_at_construction():
 
 def test_numpy_scalars_are_accepted():
     layer = DropConnectDense(
-        np.int64(4), rate=np.float64(0.25), gaussian_samples=np.int32(8),
-        drop_bias=np.bool_(False), seed=np.int64(3), activation="relu",
+        np.int64(4),
+        rate=np.float64(0.25),
+        gaussian_samples=np.int32(8),
+        drop_bias=np.bool_(False),
+        seed=np.int64(3),
+        activation="relu",
         inference="gaussian",
     )
     assert layer.gaussian_samples == 8 and layer.seed == 3
     assert layer.drop_bias is False
 
 
-@pytest.mark.parametrize("layer_cls, shape", [
-    (DropConnectDense, (6, 5)),
-    (DropConnectConv2D, (6, 5, 4, 2)),
-])
+@pytest.mark.parametrize(
+    "layer_cls, shape",
+    [
+        (DropConnectDense, (6, 5)),
+        (DropConnectConv2D, (6, 5, 4, 2)),
+    ],
+)
 def test_gaussian_inference_does_not_depend_on_the_batch(layer_cls, shape):
     x = np.random.default_rng(3).normal(size=shape).astype("float32")
     args = (3,) if layer_cls is DropConnectDense else (3, 2)
     layer = layer_cls(*args, activation="relu", inference="gaussian", seed=2)
     whole = _np(layer(x))
-    np.testing.assert_allclose(_np(layer(x[2:3])), whole[2:3], rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_allclose(_np(layer(x[::-1])), whole[::-1], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        _np(layer(x[2:3])), whole[2:3], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        _np(layer(x[::-1])), whole[::-1], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_gaussian_inference_is_deterministic():
     x = np.random.default_rng(2).normal(size=(3, 5)).astype("float32")
-    layer = DropConnectDense(4, activation="tanh", inference="gaussian",
-                             seed=11)
+    layer = DropConnectDense(
+        4, activation="tanh", inference="gaussian", seed=11
+    )
     np.testing.assert_array_equal(_np(layer(x)), _np(layer(x)))
 
 
@@ -205,15 +240,22 @@ def test_rate_zero_equals_plain_dense_and_conv():
     ours.build(img.shape)
     plain.build(img.shape)
     plain.set_weights(ours.get_weights()[:2])
-    np.testing.assert_allclose(_np(ours(img, training=True)), _np(plain(img)),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        _np(ours(img, training=True)), _np(plain(img)), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_per_sample_conv_matches_a_loop_of_convolutions(data_format):
     rng = np.random.default_rng(5)
-    layer = DropConnectConv2D(3, (3, 2), strides=(2, 1), padding="same",
-                              data_format=data_format, mask="sample")
+    layer = DropConnectConv2D(
+        3,
+        (3, 2),
+        strides=(2, 1),
+        padding="same",
+        data_format=data_format,
+        mask="sample",
+    )
     shape = (3, 7, 6, 2) if data_format == "channels_last" else (3, 2, 7, 6)
     x = rng.normal(size=shape).astype("float32")
     layer.build(shape)
@@ -221,17 +263,25 @@ def test_per_sample_conv_matches_a_loop_of_convolutions(data_format):
     kernels = kernels.astype("float32")
     ours = _np(layer._per_sample_linear(x, kernels))
     for b in range(3):
-        ref = _np(ops.conv(x[b:b + 1], kernels[b], strides=(2, 1),
-                           padding="same", data_format=data_format))
-        np.testing.assert_allclose(ours[b:b + 1], ref, rtol=1e-5, atol=1e-5)
+        ref = _np(
+            ops.conv(
+                x[b : b + 1],
+                kernels[b],
+                strides=(2, 1),
+                padding="same",
+                data_format=data_format,
+            )
+        )
+        np.testing.assert_allclose(ours[b : b + 1], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_seed_reproduces_masks():
     x = np.ones((2, 5), "float32")
     a = DropConnectDense(4, seed=9, kernel_initializer="ones")
     b = DropConnectDense(4, seed=9, kernel_initializer="ones")
-    np.testing.assert_array_equal(_np(a(x, training=True)),
-                                  _np(b(x, training=True)))
+    np.testing.assert_array_equal(
+        _np(a(x, training=True)), _np(b(x, training=True))
+    )
 
 
 @pytest.mark.parametrize(
@@ -241,10 +291,14 @@ def test_seed_reproduces_masks():
         (dict(rate=-0.1), r"argument `rate`.*rate=-0\.1"),
         (dict(rate="x"), r"argument `rate`.*rate='x'"),
         (dict(mask="row"), r"argument `mask`.*'batch', 'sample'.*mask='row'"),
-        (dict(inference="mc"),
-         r"argument `inference`.*'mean', 'gaussian'.*inference='mc'"),
-        (dict(gaussian_samples=0),
-         r"argument `gaussian_samples`.*int >= 1.*gaussian_samples=0"),
+        (
+            dict(inference="mc"),
+            r"argument `inference`.*'mean', 'gaussian'.*inference='mc'",
+        ),
+        (
+            dict(gaussian_samples=0),
+            r"argument `gaussian_samples`.*int >= 1.*gaussian_samples=0",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, match):

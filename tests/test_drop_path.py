@@ -7,8 +7,12 @@ from keras_regkit.layers import DropPath
 
 
 def test_harness():
-    run_layer_checks(DropPath, dict(rate=0.5, seed=1), (6, 5, 3, 2),
-                     expected_output_shape=(6, 5, 3, 2))
+    run_layer_checks(
+        DropPath,
+        dict(rate=0.5, seed=1),
+        (6, 5, 3, 2),
+        expected_output_shape=(6, 5, 3, 2),
+    )
 
 
 @pytest.mark.parametrize("rate", [0.2, 0.7])
@@ -34,6 +38,7 @@ def test_identity_at_inference_and_rate_zero():
 
 @pytest.mark.parametrize("rate", [1.0, -0.5])
 def test_bad_rate(rate):
-    with pytest.raises(ValueError,
-                       match=rf"argument `rate`.*\[0, 1\).*rate={rate}"):
+    with pytest.raises(
+        ValueError, match=rf"argument `rate`.*\[0, 1\).*rate={rate}"
+    ):
         DropPath(rate)
