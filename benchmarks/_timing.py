@@ -57,8 +57,16 @@ def fit_epoch_medians(models, x, y, batch_size, quick=False):
     """Median time of one `fit` epoch of each compiled model, interleaved."""
     return interleaved_medians(
         {
-            name: (lambda m=m: m.fit(x, y, batch_size=batch_size, epochs=1,
-                                     verbose=0, shuffle=False))
+            name: (
+                lambda m=m: m.fit(
+                    x,
+                    y,
+                    batch_size=batch_size,
+                    epochs=1,
+                    verbose=0,
+                    shuffle=False,
+                )
+            )
             for name, m in models.items()
         },
         repeats=3 if quick else 7,

@@ -24,14 +24,14 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from _timing import alternating_medians  # noqa: E402
-from _timing import main  # noqa: E402
+import keras
+import numpy as np
+from _timing import alternating_medians
+from _timing import main
 
-from keras_regkit.callbacks import OneCycle  # noqa: E402
-from keras_regkit.callbacks import PolyakAveraging  # noqa: E402
-from keras_regkit.callbacks import SnapshotEnsemble  # noqa: E402
+from keras_regkit.callbacks import OneCycle
+from keras_regkit.callbacks import PolyakAveraging
+from keras_regkit.callbacks import SnapshotEnsemble
 
 __all__ = ["run"]
 
@@ -98,8 +98,8 @@ def run(quick=False):
         ]
 
     candidates = {
-        BASELINE: fitter(_model(), lambda: []),
-        "plain fit, second copy (noise floor)": fitter(_model(), lambda: []),
+        BASELINE: fitter(_model(), list),
+        "plain fit, second copy (noise floor)": fitter(_model(), list),
         "OneCycle (lr + momentum) + PolyakAveraging (EMA every step)": (
             fitter(_model(), one_cycle_and_ema)
         ),

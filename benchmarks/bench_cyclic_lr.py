@@ -26,13 +26,13 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from _timing import markdown_table  # noqa: E402
+import keras
+import numpy as np
+from _timing import markdown_table
 
-from keras_regkit.callbacks import CyclicLR  # noqa: E402
-from keras_regkit.callbacks import OneCycle  # noqa: E402
-from keras_regkit.schedules import CyclicalLearningRate  # noqa: E402
+from keras_regkit.callbacks import CyclicLR
+from keras_regkit.callbacks import OneCycle
+from keras_regkit.schedules import CyclicalLearningRate
 
 __all__ = ["run"]
 

@@ -12,12 +12,12 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from _timing import fit_epoch_medians  # noqa: E402
-from _timing import main  # noqa: E402
+import keras
+import numpy as np
+from _timing import fit_epoch_medians
+from _timing import main
 
-from keras_regkit.layers import DropConnectDense  # noqa: E402
+from keras_regkit.layers import DropConnectDense
 
 UNITS = 1024
 BATCH = 128
@@ -25,11 +25,16 @@ BATCH = 128
 
 def _model(dropconnect, jit_compile):
     head = (
-        [DropConnectDense(UNITS, rate=0.5, mask="batch", activation="relu",
-                          seed=0)]
+        [
+            DropConnectDense(
+                UNITS, rate=0.5, mask="batch", activation="relu", seed=0
+            )
+        ]
         if dropconnect
-        else [keras.layers.Dense(UNITS, activation="relu"),
-              keras.layers.Dropout(0.5, seed=0)]
+        else [
+            keras.layers.Dense(UNITS, activation="relu"),
+            keras.layers.Dropout(0.5, seed=0),
+        ]
     )
     model = keras.Sequential([keras.Input((UNITS,))] + head)
     model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)

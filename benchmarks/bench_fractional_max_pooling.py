@@ -21,13 +21,13 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from _timing import interleaved_medians  # noqa: E402
-from _timing import markdown_table  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
+from _timing import interleaved_medians
+from _timing import markdown_table
 
-from keras_regkit.layers import FractionalMaxPooling2D  # noqa: E402
+from keras_regkit.layers import FractionalMaxPooling2D
 
 __all__ = ["run"]
 

@@ -15,13 +15,13 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from _timing import fit_epoch_medians  # noqa: E402
-from _timing import main  # noqa: E402
+import keras
+import numpy as np
+from _timing import fit_epoch_medians
+from _timing import main
 
-from keras_regkit.layers import StochasticDepth  # noqa: E402
-from keras_regkit.layers import linear_survival_probabilities  # noqa: E402
+from keras_regkit.layers import StochasticDepth
+from keras_regkit.layers import linear_survival_probabilities
 
 BLOCKS = 20
 WIDTH = 512

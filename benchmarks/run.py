@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _timing import markdown_table  # noqa: E402
+from _timing import markdown_table
 
 
 def machine():
@@ -40,10 +40,15 @@ def machine():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats, for a smoke run")
-    parser.add_argument("--only", nargs="*", default=None,
-                        help="module names, e.g. bench_drop_connect")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repeats, for a smoke run"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="module names, e.g. bench_drop_connect",
+    )
     args = parser.parse_args(argv)
     names = sorted(
         os.path.splitext(os.path.basename(path))[0]

@@ -8,9 +8,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from keras_regkit._utils import atomic_path  # noqa: E402
+from keras_regkit._utils import atomic_path
 
 __all__ = [
     "EXPORT_ROOT",

@@ -23,14 +23,14 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-from _common import export_and_check  # noqa: E402
-from _common import export_dir  # noqa: E402
-from _common import load_mnist1d  # noqa: E402
+import keras
+from _common import export_and_check
+from _common import export_dir
+from _common import load_mnist1d
 
-from keras_regkit.callbacks import CyclicLR  # noqa: E402
-from keras_regkit.callbacks import OneCycle  # noqa: E402
-from keras_regkit.callbacks import lr_range_test  # noqa: E402
+from keras_regkit.callbacks import CyclicLR
+from keras_regkit.callbacks import OneCycle
+from keras_regkit.callbacks import lr_range_test
 
 PLOT_PATH = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "cyclic_lr_range_test.png"

@@ -30,14 +30,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from _common import accuracy_and_log_loss  # noqa: E402
-from _common import export_and_check  # noqa: E402
-from _common import load_mnist1d  # noqa: E402
-from _common import print_seed_table  # noqa: E402
+import keras
+import numpy as np
+from _common import accuracy_and_log_loss
+from _common import export_and_check
+from _common import load_mnist1d
+from _common import print_seed_table
 
-from keras_regkit.layers import DebiasedBatchNormalization  # noqa: E402
+from keras_regkit.layers import DebiasedBatchNormalization
 
 SEEDS = (0, 1, 2)
 BATCH_SIZES = (2, 4, 8)

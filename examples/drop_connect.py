@@ -26,13 +26,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-from _common import accuracy_and_log_loss  # noqa: E402
-from _common import export_and_check  # noqa: E402
-from _common import load_mnist1d  # noqa: E402
-from _common import print_seed_table  # noqa: E402
+import keras
+from _common import accuracy_and_log_loss
+from _common import export_and_check
+from _common import load_mnist1d
+from _common import print_seed_table
 
-from keras_regkit.layers import DropConnectDense  # noqa: E402
+from keras_regkit.layers import DropConnectDense
 
 SEEDS = (0, 1, 2)
 EPOCHS = 60

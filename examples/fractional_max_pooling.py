@@ -25,15 +25,15 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from _common import accuracy_and_log_loss  # noqa: E402
-from _common import export_and_check  # noqa: E402
-from _common import load_digits_images  # noqa: E402
-from _common import print_seed_table  # noqa: E402
+import keras
+import numpy as np
+from _common import accuracy_and_log_loss
+from _common import export_and_check
+from _common import load_digits_images
+from _common import print_seed_table
 
-from keras_regkit.layers import FractionalMaxPooling2D  # noqa: E402
-from keras_regkit.layers import FractionalPoolingAverage  # noqa: E402
+from keras_regkit.layers import FractionalMaxPooling2D
+from keras_regkit.layers import FractionalPoolingAverage
 
 SEEDS = (0, 1, 2)
 EPOCHS = 30

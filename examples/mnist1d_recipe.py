@@ -41,17 +41,17 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from _common import export_and_check  # noqa: E402
-from _common import load_mnist1d  # noqa: E402
-from _common import mean_and_spread  # noqa: E402
-from _common import print_seed_table  # noqa: E402
+import keras
+import numpy as np
+from _common import export_and_check
+from _common import load_mnist1d
+from _common import mean_and_spread
+from _common import print_seed_table
 
-from keras_regkit.callbacks import OneCycle  # noqa: E402
-from keras_regkit.callbacks import PolyakAveraging  # noqa: E402
-from keras_regkit.layers import DebiasedBatchNormalization  # noqa: E402
-from keras_regkit.layers import DropConnectDense  # noqa: E402
+from keras_regkit.callbacks import OneCycle
+from keras_regkit.callbacks import PolyakAveraging
+from keras_regkit.layers import DebiasedBatchNormalization
+from keras_regkit.layers import DropConnectDense
 
 SEEDS = (0, 1, 2)
 BATCH_SIZE = 100
@@ -82,7 +82,8 @@ def build_recipe(seed, toolkit=True):
     toolkit's parts add to the architecture.
     """
     normalization = (
-        DebiasedBatchNormalization if toolkit
+        DebiasedBatchNormalization
+        if toolkit
         else keras.layers.BatchNormalization
     )
     layers = [keras.Input((40, 1))]
@@ -95,7 +96,8 @@ def build_recipe(seed, toolkit=True):
             keras.layers.ReLU(),
         ]
     head = (
-        DropConnectDense(10, rate=0.5, seed=seed) if toolkit
+        DropConnectDense(10, rate=0.5, seed=seed)
+        if toolkit
         else keras.layers.Dense(10)
     )
     layers += [keras.layers.Flatten(), head]

@@ -94,8 +94,13 @@ def main(argv=None):
 
     # 1. LR range test (Smith, 2017): the model is restored afterwards.
     test = callbacks.lr_range_test(
-        model, x_train, y_train, batch_size=BATCH_SIZE, min_lr=1e-4,
-        max_lr=3.0, steps=120,
+        model,
+        x_train,
+        y_train,
+        batch_size=BATCH_SIZE,
+        min_lr=1e-4,
+        max_lr=3.0,
+        steps=120,
     )
     bounds = test.suggestion
     print(
@@ -111,11 +116,17 @@ def main(argv=None):
     cycle = 2 * step_size
     total = args.epochs * steps_per_epoch
     swa = callbacks.PolyakAveraging(
-        decay=None, start=(total // 2) // cycle * cycle, every=cycle,
-        batch_norm="recompute", batch_norm_data=x_train,
+        decay=None,
+        start=(total // 2) // cycle * cycle,
+        every=cycle,
+        batch_norm="recompute",
+        batch_norm_data=x_train,
     )
     model.fit(
-        x_train, y_train, batch_size=BATCH_SIZE, epochs=args.epochs,
+        x_train,
+        y_train,
+        batch_size=BATCH_SIZE,
+        epochs=args.epochs,
         callbacks=[callbacks.CyclicLR(**bounds, step_size=step_size), swa],
         verbose=2,
     )
@@ -133,8 +144,14 @@ def main(argv=None):
         snapshots = callbacks.SnapshotEnsemble(
             cycles=3, max_lr=bounds["base_lr"], directory=directory
         )
-        model.fit(x_train, y_train, batch_size=BATCH_SIZE, epochs=6,
-                  callbacks=[snapshots], verbose=0)
+        model.fit(
+            x_train,
+            y_train,
+            batch_size=BATCH_SIZE,
+            epochs=6,
+            callbacks=[snapshots],
+            verbose=0,
+        )
         ensemble = snapshots.ensemble_model(last=3)
         print(
             "test accuracy, ensemble of 3 snapshots: "

@@ -30,15 +30,15 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from _common import accuracy_and_log_loss  # noqa: E402
-from _common import export_and_check  # noqa: E402
-from _common import load_mnist1d  # noqa: E402
-from _common import print_seed_table  # noqa: E402
+import keras
+import numpy as np
+from _common import accuracy_and_log_loss
+from _common import export_and_check
+from _common import load_mnist1d
+from _common import print_seed_table
 
-from keras_regkit.layers import StochasticDepth  # noqa: E402
-from keras_regkit.layers import linear_survival_probabilities  # noqa: E402
+from keras_regkit.layers import StochasticDepth
+from keras_regkit.layers import linear_survival_probabilities
 
 SEEDS = (0, 1, 2)
 EPOCHS = 10

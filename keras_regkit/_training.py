@@ -54,7 +54,7 @@ def inner_optimizer(optimizer):
     return getattr(optimizer, "inner_optimizer", None) or optimizer
 
 
-# model -> {role: (params, callback)}. `params` is the dict that one `fit`
+# model -> {role: (params, weak reference to the callback)}. `params` is the dict that one `fit`
 # hands to all of its callbacks (`Callback.set_params`), so it tells the
 # callbacks of the running `fit` from those of an earlier one that raised
 # before its `on_train_end`.
@@ -78,8 +78,12 @@ def claim(callback, role):
     claims = _CLAIMS.setdefault(model, {})
     held = claims.get(role)
     if held is not None:
-        params, other = held
-        if other is not callback and params is callback.params:
+        params, other = held[0], held[1]()
+        if (
+            other is not None
+            and other is not callback
+            and params is callback.params
+        ):
             words = _ROLE_WORDS.get(role, role)
             raise ValueError(
                 f"Two callbacks of one `fit` both {words}: "
@@ -87,13 +91,19 @@ def claim(callback, role):
                 "Keep one of them in `callbacks=`: the later would silently "
                 "override the earlier."
             )
-    claims[role] = (callback.params, callback)
+    # A weak reference: a claim left by a `fit` that raised must not keep
+    # its callback, and through it the model, alive.
+    claims[role] = (callback.params, weakref.ref(callback))
+
+
+def _dead():
+    return None
 
 
 def release(callback, role):
     """Undoes `claim` (call from `on_train_end`)."""
     claims = _CLAIMS.get(callback.model)
-    if claims is not None and claims.get(role, (None, None))[1] is callback:
+    if claims is not None and claims.get(role, (None, _dead))[1]() is callback:
         del claims[role]
 
 

@@ -4,8 +4,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import keras  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import pytest
 
 
 def backend_is_tensorflow():
@@ -33,5 +33,7 @@ requires_tensorflow = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _clear_session():
-    keras.utils.clear_session()
+    # free_memory=False skips a full garbage collection per test (about
+    # 0.4 s each); the session state itself is still cleared.
+    keras.utils.clear_session(free_memory=False)
     yield

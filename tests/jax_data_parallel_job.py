@@ -12,11 +12,11 @@ import sys
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
-import jax  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from multi_worker_job import build_model  # noqa: E402
-from multi_worker_job import train  # noqa: E402
+import jax
+import keras
+import numpy as np
+from multi_worker_job import build_model
+from multi_worker_job import train
 
 
 def main(output):

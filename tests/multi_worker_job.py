@@ -13,15 +13,15 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from keras_regkit.callbacks import PolyakAveraging  # noqa: E402
-from keras_regkit.callbacks import SnapshotEnsemble  # noqa: E402
-from keras_regkit.layers import DebiasedBatchNormalization  # noqa: E402
-from keras_regkit.layers import DropConnectDense  # noqa: E402
-from keras_regkit.layers import DropPath  # noqa: E402
-from keras_regkit.layers import StochasticDepth  # noqa: E402
+from keras_regkit.callbacks import PolyakAveraging
+from keras_regkit.callbacks import SnapshotEnsemble
+from keras_regkit.layers import DebiasedBatchNormalization
+from keras_regkit.layers import DropConnectDense
+from keras_regkit.layers import DropPath
+from keras_regkit.layers import StochasticDepth
 
 GLOBAL_BATCH = 16
 EPOCHS = 4

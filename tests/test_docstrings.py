@@ -20,11 +20,7 @@ def _modules():
 
 
 # Examples that show a TensorFlow-only feature, with the reason.
-TENSORFLOW_ONLY = {
-    "keras_regkit.callbacks.one_cycle": (
-        "cycles the momentum by default, which the JAX trainer refuses"
-    ),
-}
+TENSORFLOW_ONLY = {}
 
 
 @pytest.mark.parametrize("name", _modules())

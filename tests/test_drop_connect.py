@@ -18,15 +18,15 @@ def _np(x):
 def test_dense_harness(mask, inference):
     run_layer_checks(
         DropConnectDense,
-        dict(
-            units=5,
-            rate=0.4,
-            mask=mask,
-            inference=inference,
-            activation="relu",
-            seed=7,
-            gaussian_samples=16,
-        ),
+        {
+            "units": 5,
+            "rate": 0.4,
+            "mask": mask,
+            "inference": inference,
+            "activation": "relu",
+            "seed": 7,
+            "gaussian_samples": 16,
+        },
         (4, 6),
         expected_output_shape=(4, 5),
     )
@@ -39,17 +39,17 @@ def test_conv_harness(data_format, mask):
     out = (3, 5, 7, 4) if data_format == "channels_last" else (3, 4, 5, 7)
     run_layer_checks(
         DropConnectConv2D,
-        dict(
-            filters=4,
-            kernel_size=3,
-            rate=0.3,
-            mask=mask,
-            seed=3,
-            data_format=data_format,
-            inference="gaussian",
-            activation="relu",
-            gaussian_samples=8,
-        ),
+        {
+            "filters": 4,
+            "kernel_size": 3,
+            "rate": 0.3,
+            "mask": mask,
+            "seed": 3,
+            "data_format": data_format,
+            "inference": "gaussian",
+            "activation": "relu",
+            "gaussian_samples": 8,
+        },
         shape,
         expected_output_shape=out,
     )
@@ -287,16 +287,16 @@ def test_seed_reproduces_masks():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(rate=1.0), r"argument `rate`.*\[0, 1\).*rate=1\.0"),
-        (dict(rate=-0.1), r"argument `rate`.*rate=-0\.1"),
-        (dict(rate="x"), r"argument `rate`.*rate='x'"),
-        (dict(mask="row"), r"argument `mask`.*'batch', 'sample'.*mask='row'"),
+        ({"rate": 1.0}, r"argument `rate`.*\[0, 1\).*rate=1\.0"),
+        ({"rate": -0.1}, r"argument `rate`.*rate=-0\.1"),
+        ({"rate": "x"}, r"argument `rate`.*rate='x'"),
+        ({"mask": "row"}, r"argument `mask`.*'batch', 'sample'.*mask='row'"),
         (
-            dict(inference="mc"),
+            {"inference": "mc"},
             r"argument `inference`.*'mean', 'gaussian'.*inference='mc'",
         ),
         (
-            dict(gaussian_samples=0),
+            {"gaussian_samples": 0},
             r"argument `gaussian_samples`.*int >= 1.*gaussian_samples=0",
         ),
     ],

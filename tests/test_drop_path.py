@@ -9,7 +9,7 @@ from keras_regkit.layers import DropPath
 def test_harness():
     run_layer_checks(
         DropPath,
-        dict(rate=0.5, seed=1),
+        {"rate": 0.5, "seed": 1},
         (6, 5, 3, 2),
         expected_output_shape=(6, 5, 3, 2),
     )

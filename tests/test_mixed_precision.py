@@ -245,13 +245,14 @@ def test_snapshots_are_float32_and_the_ensemble_exports(tmp_path):
     paths = sorted((tmp_path / "snapshots").glob("*.weights.h5"))
     assert len(paths) == 2
     for path in paths:
+        floats = []
+
+        def collect(_, item, found=floats):
+            if isinstance(item, h5py.Dataset) and item.dtype.kind == "f":
+                found.append(item.dtype)
+
         with h5py.File(path, "r") as f:
-            floats = []
-            f["layers"].visititems(
-                lambda _, item: floats.append(item.dtype)
-                if isinstance(item, h5py.Dataset) and item.dtype.kind == "f"
-                else None
-            )
+            f["layers"].visititems(collect)
         assert floats and all(dtype == np.float32 for dtype in floats)
     ensemble = snapshot_ensemble_model(tmp_path / "snapshots", from_logits=True)
     probabilities = ensemble.predict(x, verbose=0)

@@ -19,7 +19,9 @@ from keras_regkit import _utils
 from keras_regkit._training import read_iterations
 from keras_regkit.callbacks import SnapshotEnsemble
 from keras_regkit.callbacks import snapshot_ensemble_model
-from keras_regkit.schedules.snapshot_cosine_annealing import SnapshotCosineAnnealing
+from keras_regkit.schedules.snapshot_cosine_annealing import (
+    SnapshotCosineAnnealing,
+)
 
 # 32 samples in batches of 8: 4 steps per epoch; 6 epochs: T = 24.
 STEPS = 4
@@ -838,9 +840,9 @@ BAD_ARGUMENTS = [
         "a non-empty path (str or os.PathLike)",
         None,
     ),
-    ({"verbose": 2}, "verbose", "0 (silent) or 1", 2),
-    ({"verbose": "yes"}, "verbose", "0 (silent) or 1", "yes"),
-    ({"verbose": 0.5}, "verbose", "0 (silent) or 1", 0.5),
+    ({"verbose": 3}, "verbose", "an int >= 0 <= 2", 3),
+    ({"verbose": "yes"}, "verbose", "an int >= 0 <= 2", "yes"),
+    ({"verbose": 0.5}, "verbose", "an int >= 0 <= 2", 0.5),
 ]
 
 

@@ -34,7 +34,9 @@ from keras_regkit.ensembles import MANIFEST_FILENAME
 from keras_regkit.ensembles import read_manifest
 from keras_regkit.ensembles import snapshot_ensemble_model
 from keras_regkit.ensembles import snapshot_filename
-from keras_regkit.schedules.snapshot_cosine_annealing import SnapshotCosineAnnealing
+from keras_regkit.schedules.snapshot_cosine_annealing import (
+    SnapshotCosineAnnealing,
+)
 
 __all__ = [
     "ARCHITECTURE_FILENAME",

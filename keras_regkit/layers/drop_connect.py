@@ -16,7 +16,7 @@ from keras_regkit._validation import check_float_in_range
 from keras_regkit._validation import check_int
 from keras_regkit._validation import check_seed
 
-__all__ = ["DropConnectConv2D", "DropConnectDense", "MAX_SAMPLE_MASK_ELEMENTS"]
+__all__ = ["MAX_SAMPLE_MASK_ELEMENTS", "DropConnectConv2D", "DropConnectDense"]
 
 MAX_SAMPLE_MASK_ELEMENTS = 2**27
 """Largest per-sample mask (batch x kernel size elements) `mask="sample"`
@@ -249,7 +249,8 @@ _CLASS_DOC_COMMON = """
 
 @keras.saving.register_keras_serializable(package="keras_regkit")
 class DropConnectDense(_DropConnectMixin, keras.layers.Dense):
-    """Densely-connected layer whose weights are dropped during training.
+    (
+        """Densely-connected layer whose weights are dropped during training.
 
     In training, each kernel weight (and bias entry, with `drop_bias`) is
     kept with probability `p = 1 - rate` and scaled by `1 / p`:
@@ -263,7 +264,9 @@ class DropConnectDense(_DropConnectMixin, keras.layers.Dense):
     The paper scales at inference instead (`E[u] = p W v`); the inverted
     form here gives the same network function and lets `inference="mean"`
     use the kernel unchanged, like `keras.layers.Dropout`.
-    """ + _CLASS_DOC_COMMON + """        units: int. Output size.
+    """
+        + _CLASS_DOC_COMMON
+        + """        units: int. Output size.
         **kwargs: Any other argument of `keras.layers.Dense` (`activation`,
             `use_bias`, initializers, regularizers, constraints, `name`...).
 
@@ -284,6 +287,7 @@ class DropConnectDense(_DropConnectMixin, keras.layers.Dense):
     Reference:
     - [Wan et al., 2013](https://proceedings.mlr.press/v28/wan13.html)
     """
+    )
 
     def __init__(
         self,
@@ -327,7 +331,8 @@ class DropConnectDense(_DropConnectMixin, keras.layers.Dense):
 
 @keras.saving.register_keras_serializable(package="keras_regkit")
 class DropConnectConv2D(_DropConnectMixin, keras.layers.Conv2D):
-    """2D convolution whose kernel weights are dropped during training.
+    (
+        """2D convolution whose kernel weights are dropped during training.
 
     The DropConnect rule of `DropConnectDense` applied to a convolution
     kernel: in training each kernel weight `W[i, j, c_in, c_out]` (and bias
@@ -343,7 +348,9 @@ class DropConnectConv2D(_DropConnectMixin, keras.layers.Conv2D):
     patches times kernel (`keras.ops.image.extract_patches`), which costs
     memory of batch x output positions x kernel height x width x input
     channels on top of the mask; it supports `groups=1` only.
-    """ + _CLASS_DOC_COMMON + """        filters: int. Number of output channels.
+    """
+        + _CLASS_DOC_COMMON
+        + """        filters: int. Number of output channels.
         kernel_size: int or tuple of 2 ints. Convolution window.
         **kwargs: Any other argument of `keras.layers.Conv2D` (`strides`,
             `padding`, `data_format`, `dilation_rate`, `activation`...).
@@ -362,6 +369,7 @@ class DropConnectConv2D(_DropConnectMixin, keras.layers.Conv2D):
     Reference:
     - [Wan et al., 2013](https://proceedings.mlr.press/v28/wan13.html)
     """
+    )
 
     def __init__(
         self,
@@ -380,9 +388,7 @@ class DropConnectConv2D(_DropConnectMixin, keras.layers.Conv2D):
             rate, mask, inference, gaussian_samples, drop_bias, seed
         )
         if self.mask == "sample" and self.groups != 1:
-            raise argument_error(
-                "groups", "1 when mask='sample'", self.groups
-            )
+            raise argument_error("groups", "1 when mask='sample'", self.groups)
 
     def build(self, input_shape):
         if self.data_format == "channels_last":

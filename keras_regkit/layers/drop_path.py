@@ -67,8 +67,8 @@ class DropPath(keras.layers.Layer):
         keep = 1.0 - self.rate
         shape = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 1)
         mask = batch_uniform(shape, self.seed_generator) < keep
-        return inputs * ops.cast(mask, inputs.dtype) / ops.cast(
-            keep, inputs.dtype
+        return (
+            inputs * ops.cast(mask, inputs.dtype) / ops.cast(keep, inputs.dtype)
         )
 
     def compute_output_shape(self, input_shape):
