@@ -1,7 +1,6 @@
 """DropConnect: dropping individual weights (Wan et al., 2013)."""
 
 import math
-import numbers
 
 import keras
 import numpy as np
@@ -26,13 +25,18 @@ _MASKS = ("batch", "sample")
 _INFERENCES = ("mean", "gaussian")
 
 
-def _python_int(value):
-    """A NumPy integer as a Python int (Keras's layers refuse NumPy ints)."""
-    if isinstance(value, numbers.Integral) and not isinstance(
-        value, (bool, np.bool_)
-    ):
-        return int(value)
-    return value
+def _check_kernel_size(kernel_size):
+    """An int or a pair of ints (NumPy ints too), as Python ints."""
+    if isinstance(kernel_size, (list, tuple)) and len(kernel_size) == 2:
+        return tuple(
+            check_int("kernel_size", k, minimum=1) for k in kernel_size
+        )
+    try:
+        return check_int("kernel_size", kernel_size, minimum=1)
+    except ValueError:
+        raise argument_error(
+            "kernel_size", "an int >= 1 or a tuple of 2 such ints", kernel_size
+        ) from None
 
 
 def _expected_relu(mean, std):
@@ -300,7 +304,7 @@ class DropConnectDense(_DropConnectMixin, keras.layers.Dense):
         seed=None,
         **kwargs,
     ):
-        super().__init__(_python_int(units), **kwargs)
+        super().__init__(check_int("units", units, minimum=1), **kwargs)
         self._init_drop_connect(
             rate, mask, inference, gaussian_samples, drop_bias, seed
         )
@@ -383,7 +387,11 @@ class DropConnectConv2D(_DropConnectMixin, keras.layers.Conv2D):
         seed=None,
         **kwargs,
     ):
-        super().__init__(_python_int(filters), kernel_size, **kwargs)
+        super().__init__(
+            check_int("filters", filters, minimum=1),
+            _check_kernel_size(kernel_size),
+            **kwargs,
+        )
         self._init_drop_connect(
             rate, mask, inference, gaussian_samples, drop_bias, seed
         )
