@@ -278,14 +278,51 @@ class SubclassedModel(keras.Model):
         return self.norm(self.dense(x), training=training)
 
 
+class _Wrapper(keras.layers.Layer):
+    """A custom layer that calls its batch norm from its own `call`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(2)
+        self.norm = keras.layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.norm(self.dense(x), training=training)
+
+
 def _custom_layer_model():
     """A functional model whose batch norm sits inside a custom layer."""
+    wrapper = _Wrapper()
+    inputs = keras.Input((2,))
+    outputs = keras.layers.BatchNormalization()(wrapper(inputs))
+    return keras.Model(inputs, outputs), wrapper.norm
+
+
+def test_batch_norm_inside_a_stochastic_depth_branch_is_recomputed():
+    # StochasticDepth applies its public `block` in sequence: the branch is
+    # replayed from the layer's input, as at inference.
     from keras_regkit.layers import StochasticDepth
 
-    block = [keras.layers.Dense(2), keras.layers.BatchNormalization()]
-    inputs = keras.Input((2,))
-    outputs = keras.layers.BatchNormalization()(StochasticDepth(block)(inputs))
-    return keras.Model(inputs, outputs), block[1]
+    block = [
+        keras.layers.Dense(3),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Dense(3),
+        keras.layers.BatchNormalization(),
+    ]
+    inputs = keras.Input((3,))
+    first = keras.layers.Dense(3)
+    model = keras.Model(
+        inputs, StochasticDepth(block, 0.5, seed=1)(first(inputs))
+    )
+    _randomize(model)
+    x = np.random.default_rng(4).normal(size=(40, 3)).astype("float32")
+    done = recompute_batchnorm_statistics(model, x, batch_size=7)
+    assert done == [block[1], block[4]]
+    hidden = block[0](first(x))
+    _assert_statistics(block[1], _np(hidden))
+    after = block[3](block[2](block[1](hidden, training=False)))
+    _assert_statistics(block[4], _np(after))
 
 
 @pytest.mark.parametrize("form", ["subclassed", "custom layer"])

@@ -253,6 +253,15 @@ def _first_call_inputs(layer):
     return keras.tree.flatten(keras.Operation.input.fget(layer))
 
 
+def _branch(layer):
+    """The layers a `StochasticDepth` applies in sequence, else `None`."""
+    from keras_regkit.layers.stochastic_depth import StochasticDepth
+
+    if isinstance(layer, StochasticDepth):
+        return list(layer.block)
+    return None
+
+
 def _probes(graph, targets):
     """`[(layer, probe tensor)]` of the targets in `graph`, forward order."""
     found = []
@@ -262,6 +271,16 @@ def _probes(graph, targets):
             mask = tensors[1] if len(tensors) > 1 else None
             probe = _ChannelMoments(layer.axis % len(tensors[0].shape))
             found.append((layer, probe(tensors[0], mask=mask)))
+        elif _branch(layer) is not None:
+            # A layer that calls a public list of layers in sequence on its
+            # input (`StochasticDepth.block`): the branch is replayed
+            # symbolically from the layer's own input.
+            x = _first_call_inputs(layer)[0]
+            for sublayer in _branch(layer):
+                if any(sublayer is target for target in targets):
+                    probe = _ChannelMoments(sublayer.axis % len(x.shape))
+                    found.append((sublayer, probe(x)))
+                x = sublayer(x)
         elif _is_graph(layer):
             inner = _probes(layer, targets)
             if not inner:
