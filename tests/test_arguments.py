@@ -17,6 +17,7 @@ import pytest
 from keras_regkit import callbacks
 from keras_regkit import ensembles
 from keras_regkit import layers
+from keras_regkit import optimizers
 from keras_regkit import schedules
 
 
@@ -74,6 +75,9 @@ ENTRY_POINTS = {
     },
     callbacks.BatchNormStatistics: {"data": _X},
     callbacks.LRRangeTest: {},
+    optimizers.AveragedOptimizer: {
+        "inner_optimizer": keras.optimizers.SGD(0.1)
+    },
 }
 
 # Arguments that take any object by design (data pipelines, models, Keras's
@@ -138,7 +142,7 @@ def test_bad_value_raises_at_construction_naming_the_argument(
 def test_the_battery_covers_every_public_entry_point():
     public = {
         getattr(module, name)
-        for module in (layers, schedules, callbacks)
+        for module in (layers, schedules, callbacks, optimizers)
         for name in module.__all__
     }
     # Functions that need a trained model and data run in their own tests
