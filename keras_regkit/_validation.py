@@ -15,6 +15,7 @@ __all__ = [
     "argument_error",
     "check_bool",
     "check_choice",
+    "check_decay",
     "check_float_in_range",
     "check_int",
     "check_int_in_range",
@@ -141,6 +142,16 @@ def check_path(name, value):
             name, "a non-empty path (str or os.PathLike)", value
         )
     return path
+
+
+def check_decay(value):
+    """An averaging decay: a float in (0, 1), or `None` (uniform average)."""
+    if value is None:
+        return None
+    expected = "a float in (0, 1), or None for the uniform average"
+    if not _is_real(value) or not 0 < value < 1:
+        raise argument_error("decay", expected, value)
+    return float(value)
 
 
 def check_seed(name, value):

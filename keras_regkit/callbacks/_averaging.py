@@ -22,6 +22,7 @@ import numpy as np
 from keras import ops
 
 from keras_regkit._training import compiled
+from keras_regkit._utils import fsync_directory
 
 SCALE_LIMIT = 2.0**64
 # Variables with fewer elements share one flat accumulator, so that the
@@ -310,7 +311,7 @@ def write_state(directory, name, arrays):
         if isinstance(error, OSError):
             raise _os_error(error, path) from error
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
     return path
 
 
@@ -323,19 +324,6 @@ def remove_states(directory):
                 os.remove(path)
             except FileNotFoundError:
                 pass
-
-
-def _fsync_directory(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _os_error(error, path):

@@ -19,6 +19,7 @@ from keras_regkit._training import sync_model_state
 from keras_regkit._validation import argument_error
 from keras_regkit._validation import check_bool
 from keras_regkit._validation import check_choice
+from keras_regkit._validation import check_decay
 from keras_regkit._validation import check_int
 from keras_regkit._validation import check_verbose
 from keras_regkit.callbacks import _averaging
@@ -141,18 +142,7 @@ class PolyakAveraging(keras.callbacks.Callback):
         verbose=0,
     ):
         super().__init__()
-        if decay is not None:
-            if (
-                isinstance(decay, (bool, np.bool_))
-                or not isinstance(decay, numbers.Real)
-                or not 0 < decay < 1
-            ):
-                raise argument_error(
-                    "decay",
-                    "a float in (0, 1), or None for the uniform average",
-                    decay,
-                )
-            decay = float(decay)
+        decay = check_decay(decay)
         self.decay = decay
         self.start = check_int("start", start, minimum=0)
         self.every = check_int("every", every, minimum=1)

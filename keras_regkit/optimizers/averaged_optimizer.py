@@ -1,13 +1,12 @@
 """An optimizer wrapper that averages the weights inside the train step."""
 
-import numbers
-
 import keras
 import numpy as np
 from keras import ops
 
 from keras_regkit._validation import argument_error
 from keras_regkit._validation import check_bool
+from keras_regkit._validation import check_decay
 from keras_regkit._validation import check_int
 
 # Base `Optimizer` arguments the wrapper does not take (they belong on the
@@ -140,18 +139,7 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
                 "a `keras.optimizers.Optimizer` instance",
                 inner_optimizer,
             )
-        if decay is not None:
-            if (
-                isinstance(decay, (bool, np.bool_))
-                or not isinstance(decay, numbers.Real)
-                or not 0 < decay < 1
-            ):
-                raise argument_error(
-                    "decay",
-                    "a float in (0, 1), or None for the uniform average",
-                    decay,
-                )
-            decay = float(decay)
+        decay = check_decay(decay)
         start = check_int("start", start, minimum=0)
         every = check_int("every", every, minimum=1)
         warmup = check_bool("warmup", warmup)
