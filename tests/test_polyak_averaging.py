@@ -720,7 +720,7 @@ def test_a_new_callback_per_fit_does_not_grow_memory():
             x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks
         )
 
-    def growth(make, fits=40):
+    def growth(make, fits=50):
         for _ in range(10):
             fit(make())
         gc.collect()
@@ -738,8 +738,10 @@ def test_a_new_callback_per_fit_does_not_grow_memory():
         f"RSS growth per fit: plain {plain / 1e3:.1f} kB, "
         f"with a new PolyakAveraging {averaged / 1e3:.1f} kB"
     )
-    # The previous design grew by about 1.85 MB per fit.
-    assert averaged - plain < 250e3
+    # The previous design grew by about 1.85 MB per fit. The plain run's
+    # RSS can shrink as the allocator returns memory, so the bound is on the
+    # averaged run's own growth, plus the plain run's where it grew too.
+    assert averaged < 250e3 + max(plain, 0.0)
 
 
 # Arguments ---------------------------------------------------------------------
