@@ -240,8 +240,7 @@ def test_data_forms(make, steps, used):
     model = keras.Model({"features": inputs}, bn(inputs))
     x = np.random.default_rng(6).normal(size=(30, 3)).astype("float32")
     if make == "dataset":
-        import tensorflow as tf
-
+        tf = pytest.importorskip("tensorflow")
         data = tf.data.Dataset.from_tensor_slices(({"features": x}, x))
         data = data.batch(10)
     else:
@@ -478,8 +477,7 @@ def _empty_generator():
 
 
 def _empty_dataset():
-    import tensorflow as tf
-
+    tf = pytest.importorskip("tensorflow")
     return tf.data.Dataset.from_tensor_slices(np.zeros((0, 3))).batch(2)
 
 

@@ -118,10 +118,10 @@ def test_a_closed_gate_does_not_compute_the_block():
 
 
 def test_dropped_block_gets_zero_gradient():
-    import tensorflow as tf
-
     if keras.backend.backend() != "tensorflow":
         pytest.skip("uses tf.GradientTape")
+    import tensorflow as tf
+
     block = keras.layers.Dense(3)
     layer = StochasticDepth(block, survival_probability=0.5, seed=0)
     x = np.ones((2, 3), "float32")
