@@ -13,6 +13,7 @@ import numpy as np
 
 __all__ = [
     "argument_error",
+    "check_averaging",
     "check_bool",
     "check_choice",
     "check_decay",
@@ -152,6 +153,22 @@ def check_decay(value):
     if not _is_real(value) or not 0 < value < 1:
         raise argument_error("decay", expected, value)
     return float(value)
+
+
+def check_averaging(decay, start, every, warmup):
+    """The averaging arguments shared by `PolyakAveraging` and
+    `AveragedOptimizer`; returns `(decay, start, every, warmup)`."""
+    decay = check_decay(decay)
+    start = check_int("start", start, minimum=0)
+    every = check_int("every", every, minimum=1)
+    warmup = check_bool("warmup", warmup)
+    if warmup and decay is None:
+        raise argument_error(
+            "warmup",
+            "False when decay=None (the warm-up applies to the EMA only)",
+            warmup,
+        )
+    return decay, start, every, warmup
 
 
 def check_seed(name, value):

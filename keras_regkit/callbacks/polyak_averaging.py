@@ -17,9 +17,8 @@ from keras_regkit._training import read_iterations
 from keras_regkit._training import release
 from keras_regkit._training import sync_model_state
 from keras_regkit._validation import argument_error
-from keras_regkit._validation import check_bool
+from keras_regkit._validation import check_averaging
 from keras_regkit._validation import check_choice
-from keras_regkit._validation import check_decay
 from keras_regkit._validation import check_int
 from keras_regkit._validation import check_verbose
 from keras_regkit.callbacks import _averaging
@@ -142,19 +141,10 @@ class PolyakAveraging(keras.callbacks.Callback):
         verbose=0,
     ):
         super().__init__()
-        decay = check_decay(decay)
-        self.decay = decay
-        self.start = check_int("start", start, minimum=0)
-        self.every = check_int("every", every, minimum=1)
+        self.decay, self.start, self.every, self.warmup = check_averaging(
+            decay, start, every, warmup
+        )
         self.unit = str(check_choice("unit", unit, ("step", "epoch")))
-        warmup = check_bool("warmup", warmup)
-        if warmup and decay is None:
-            raise argument_error(
-                "warmup",
-                "False when decay=None (the warm-up applies to the EMA only)",
-                warmup,
-            )
-        self.warmup = warmup
         self.batch_norm = str(
             check_choice("batch_norm", batch_norm, ("average", "recompute"))
         )

@@ -5,9 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_regkit._validation import argument_error
-from keras_regkit._validation import check_bool
-from keras_regkit._validation import check_decay
-from keras_regkit._validation import check_int
+from keras_regkit._validation import check_averaging
 
 # Base `Optimizer` arguments the wrapper does not take (they belong on the
 # inner optimizer), with the defaults a deserialized config may carry.
@@ -139,16 +137,9 @@ class AveragedOptimizer(keras.optimizers.Optimizer):
                 "a `keras.optimizers.Optimizer` instance",
                 inner_optimizer,
             )
-        decay = check_decay(decay)
-        start = check_int("start", start, minimum=0)
-        every = check_int("every", every, minimum=1)
-        warmup = check_bool("warmup", warmup)
-        if warmup and decay is None:
-            raise argument_error(
-                "warmup",
-                "False when decay=None (the warm-up applies to the EMA only)",
-                warmup,
-            )
+        decay, start, every, warmup = check_averaging(
+            decay, start, every, warmup
+        )
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
         self.decay = decay
