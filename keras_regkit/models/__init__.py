@@ -1,0 +1,3 @@
+"""Models that average a trained network's outputs at test time."""
+
+__all__ = []
