@@ -73,6 +73,10 @@ ENTRY_POINTS = {
         "batch_norm": "recompute",
         "batch_norm_data": _X,
     },
+    callbacks.StochasticWeightAveraging: {
+        "swa_learning_rate": 0.05,
+        "batch_norm_data": _X,
+    },
     callbacks.BatchNormStatistics: {"data": _X},
     callbacks.LRRangeTest: {},
     optimizers.AveragedOptimizer: {

@@ -11,6 +11,9 @@ from keras_regkit.callbacks.one_cycle import OneCycle
 from keras_regkit.callbacks.polyak_averaging import PolyakAveraging
 from keras_regkit.callbacks.snapshot_ensemble import SnapshotEnsemble
 from keras_regkit.callbacks.snapshot_ensemble import snapshot_ensemble_model
+from keras_regkit.callbacks.stochastic_weight_averaging import (
+    StochasticWeightAveraging,
+)
 
 __all__ = [
     "BatchNormStatistics",
@@ -19,6 +22,7 @@ __all__ = [
     "OneCycle",
     "PolyakAveraging",
     "SnapshotEnsemble",
+    "StochasticWeightAveraging",
     "lr_range_test",
     "recompute_batchnorm_statistics",
     "snapshot_ensemble_model",

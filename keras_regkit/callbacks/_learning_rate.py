@@ -30,6 +30,7 @@ from keras_regkit._validation import check_verbose
 __all__ = [
     "IterationLearningRateCallback",
     "check_momentum_bounds",
+    "check_settable_learning_rate",
     "steps_per_execution",
 ]
 
@@ -64,6 +65,21 @@ def check_momentum_bounds(base_momentum, max_momentum):
             "max_momentum", f"a float >= base_momentum={base!r}", max_momentum
         )
     return base, top
+
+
+def check_settable_learning_rate(callback, optimizer):
+    """Raises `ValueError` if `callback` cannot set `optimizer`'s rate."""
+    rate = inner_optimizer(optimizer).learning_rate
+    settable = isinstance(rate, keras.Variable)
+    if not settable:
+        raise ValueError(
+            f"{type(callback).__name__} sets the learning rate itself, but "
+            "the optimizer's learning rate is a `LearningRateSchedule` or a "
+            "callable, which cannot be set (`optimizer.learning_rate` is "
+            "not a variable). Compile with a float learning rate (e.g. "
+            f"`{type(optimizer).__name__}(learning_rate=1e-3)`), or use "
+            "the schedule alone without this callback."
+        )
 
 
 def steps_per_execution(model):
@@ -116,17 +132,7 @@ class IterationLearningRateCallback(keras.callbacks.Callback):
 
     def check_optimizer(self, optimizer):
         """Raises `ValueError` if `optimizer`'s learning rate can't be set."""
-        rate = inner_optimizer(optimizer).learning_rate
-        settable = isinstance(rate, keras.Variable)
-        if not settable:
-            raise ValueError(
-                f"{type(self).__name__} sets the learning rate itself, but the "
-                "optimizer's learning rate is a `LearningRateSchedule` or a "
-                "callable, which cannot be set (`optimizer.learning_rate` is "
-                "not a variable). Compile with a float learning rate (e.g. "
-                f"`{type(optimizer).__name__}(learning_rate=1e-3)`), or use "
-                "the schedule alone without this callback."
-            )
+        check_settable_learning_rate(self, optimizer)
 
     def steps_per_execution_note(self, group):
         """The warning given when `steps_per_execution > 1` (`None`: none)."""

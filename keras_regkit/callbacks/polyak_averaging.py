@@ -291,10 +291,10 @@ class PolyakAveraging(keras.callbacks.Callback):
             tuple(v.shape) for v in model.weights
         ]:
             raise ValueError(
-                "PolyakAveraging.averaged_model() could not rebuild the model "
-                "with `keras.models.clone_model` (the clone's variables do not "
-                "match the model's). Use `swap_weights()` to evaluate or save "
-                "the averages in the model itself."
+                f"{type(self).__name__}.averaged_model() could not rebuild the "
+                "model with `keras.models.clone_model` (the clone's variables "
+                "do not match the model's). Use `swap_weights()` to evaluate "
+                "or save the averages in the model itself."
             )
         clone.set_weights(model.get_weights())
         position = {id(v): i for i, v in enumerate(model.weights)}
@@ -319,8 +319,8 @@ class PolyakAveraging(keras.callbacks.Callback):
         model = self._target
         if getattr(model, "optimizer", None) is None:
             raise ValueError(
-                "PolyakAveraging needs a compiled model with an optimizer. "
-                "Call `model.compile(optimizer=...)` before `fit`."
+                f"{type(self).__name__} needs a compiled model with an "
+                "optimizer. Call `model.compile(optimizer=...)` before `fit`."
             )
         self._check_steps_per_execution(model)
         self._check_batch_norm_data(model)
@@ -334,8 +334,8 @@ class PolyakAveraging(keras.callbacks.Callback):
         ):
             if self._state_model is not None:
                 warnings.warn(
-                    "PolyakAveraging: the model or its variables changed "
-                    "since the last `fit`; the averages start afresh.",
+                    f"{type(self).__name__}: the model or its variables "
+                    "changed since the last `fit`; the averages start afresh.",
                     stacklevel=2,
                 )
             self._build_state(model, sources)
@@ -380,8 +380,9 @@ class PolyakAveraging(keras.callbacks.Callback):
         skipped = _read_int(self._skipped)
         if skipped > self._skipped_reported:
             warnings.warn(
-                f"PolyakAveraging skipped {skipped - self._skipped_reported} "
-                "iterate(s) whose weights were not finite (NaN or infinity); "
+                f"{type(self).__name__} skipped "
+                f"{skipped - self._skipped_reported} iterate(s) whose weights "
+                "were not finite (NaN or infinity); "
                 "they were not folded into the average.",
                 stacklevel=2,
             )
@@ -391,8 +392,8 @@ class PolyakAveraging(keras.callbacks.Callback):
             self._evaluate_average(logs)
         if self.verbose:
             print(
-                f"\nEpoch {epoch + 1}: PolyakAveraging has averaged {count} "
-                "iterate(s)."
+                f"\nEpoch {epoch + 1}: {type(self).__name__} has averaged "
+                f"{count} iterate(s)."
             )
         if self.backup_dir is not None and is_chief(model):
             self._write_state(read_iterations(model.optimizer))
@@ -407,9 +408,9 @@ class PolyakAveraging(keras.callbacks.Callback):
             return
         if _read_int(self._count) == 0:
             warnings.warn(
-                "PolyakAveraging averaged nothing during this fit (start="
-                f"{self.start} {self.unit}s was not reached); the model keeps "
-                "its training weights.",
+                f"{type(self).__name__} averaged nothing during this fit "
+                f"(start={self.start} {self.unit}s was not reached); the model "
+                "keeps its training weights.",
                 stacklevel=2,
             )
             return
@@ -543,7 +544,7 @@ class PolyakAveraging(keras.callbacks.Callback):
     def _require_averages(self):
         if self._count is None or _read_int(self._count) == 0:
             raise RuntimeError(
-                "PolyakAveraging has no averages yet: nothing has been "
+                f"{type(self).__name__} has no averages yet: nothing has been "
                 f"averaged (start={self.start}, unit={self.unit!r})."
             )
         return self._state_model
@@ -642,8 +643,9 @@ class PolyakAveraging(keras.callbacks.Callback):
         if not matching:
             saved = sorted(int(s["iterations"]) for s in self._saved_states)
             warnings.warn(
-                f"PolyakAveraging: the states in backup_dir={self.backup_dir!r} "
-                f"were saved at step(s) {saved} (or for another model), but "
+                f"{type(self).__name__}: the states in "
+                f"backup_dir={self.backup_dir!r} were saved at step(s) {saved} "
+                "(or for another model), but "
                 f"training resumes at step {iteration}; they are not "
                 "restored. Pair `backup_dir` with a "
                 "`keras.callbacks.BackupAndRestore(save_freq='epoch')`.",
