@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from keras_regkit import callbacks
 from keras_regkit import ensembles
 from keras_regkit import layers
+from keras_regkit import models
 from keras_regkit import optimizers
 from keras_regkit import schedules
 from keras_regkit.callbacks.batch_norm_statistics import (
@@ -21,6 +22,7 @@ __all__ = [
     "callbacks",
     "ensembles",
     "layers",
+    "models",
     "optimizers",
     "recompute_batchnorm_statistics",
     "schedules",

@@ -1,4 +1,4 @@
-"""Ensembles of saved snapshots as one `keras.Model`."""
+"""Ensembles of models, or of saved snapshots, as one `keras.Model`."""
 
 import json
 import numbers
@@ -7,11 +7,14 @@ import re
 
 import keras
 
-from keras_regkit._utils import argument_error
-from keras_regkit._utils import check_choice
-from keras_regkit._utils import check_path
+from keras_regkit._validation import argument_error
+from keras_regkit._validation import check_bool
+from keras_regkit._validation import check_path
+from keras_regkit.models._combine import OutputAverage
+from keras_regkit.models._combine import check_average
+from keras_regkit.models._combine import check_weights
 
-__all__ = ["snapshot_ensemble_model"]
+__all__ = ["ensemble_model", "snapshot_ensemble_model"]
 
 MANIFEST_FILENAME = "manifest.json"
 ARCHITECTURE_FILENAME = "model.json"
@@ -22,7 +25,6 @@ FORMAT_VERSION = 2
 # directory is still recognized as the callback's own, to be replaced.
 SNAPSHOT_FILE = re.compile(r"snapshot-\d{3,}\.weights\.h5")
 VERSION_1_SNAPSHOT_FILE = re.compile(r"snapshot-\d{3,}\.weights\.npz")
-_AVERAGES = ("probabilities", "logits")
 
 
 def snapshot_filename(cycle):
@@ -107,22 +109,206 @@ def inside(directory, name):
     return path
 
 
-def _member_inputs(member):
-    if isinstance(member, keras.Sequential):
-        spec = member.inputs[0]
-    else:
-        try:
-            spec = member.input
-        except (AttributeError, ValueError) as e:
+def _model_inputs(member):
+    """The input structure of a Functional or Sequential model, or `None`."""
+    try:
+        if isinstance(member, keras.Sequential):
+            return member.inputs[0]
+        return member.input
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return None
+
+
+def _spec(tensor, dtype=True):
+    if not dtype:
+        return tuple(tensor.shape)
+    return (tuple(tensor.shape), keras.backend.standardize_dtype(tensor.dtype))
+
+
+def _describe(structure, dtype=True):
+    return keras.tree.map_structure(
+        lambda t: f"{tuple(t.shape)}{f' {t.dtype}' if dtype else ''}",
+        structure,
+    )
+
+
+def _same_specs(first, other, dtype=True):
+    """Same structure and shapes, and dtypes unless `dtype=False` (outputs:
+    float16 and float32 members are averaged alike, in float32)."""
+    try:
+        keras.tree.assert_same_structure(first, other)
+    except (ValueError, TypeError):
+        return False
+    return all(
+        _spec(a, dtype) == _spec(b, dtype)
+        for a, b in zip(keras.tree.flatten(first), keras.tree.flatten(other))
+    )
+
+
+def _check_models(models):
+    if isinstance(models, keras.Model) or not isinstance(models, (list, tuple)):
+        raise argument_error(
+            "models", "a list or tuple of at least one keras.Model", models
+        )
+    models = list(models)
+    if not models or not all(isinstance(m, keras.Model) for m in models):
+        raise argument_error(
+            "models", "a list or tuple of at least one keras.Model", models
+        )
+    seen = {}
+    for index, member in enumerate(models):
+        first = seen.setdefault(member.name, (index, member))
+        if first[1] is not member:
             raise ValueError(
-                "snapshot_ensemble_model needs a model with defined inputs "
-                f"(Functional or Sequential); the snapshots' model "
-                f"{type(member).__name__} has none: {e}"
-            ) from e
+                f"ensemble_model needs members with distinct names (they "
+                f"become layers of one model), but models[{first[0]}] and "
+                f"models[{index}] are both named {member.name!r}. Rename "
+                f"one first, e.g. `models[{index}].name = "
+                f"'{member.name}_{index}'`."
+            )
+    return models
+
+
+def _shared_inputs(models, inputs):
+    if inputs is not None:
+        for t in keras.tree.flatten(inputs):
+            if not isinstance(t, keras.KerasTensor):
+                raise argument_error(
+                    "inputs",
+                    "None or a structure of `keras.Input` tensors",
+                    inputs,
+                )
+        return inputs
+    specs = [_model_inputs(member) for member in models]
+    for index, (member, spec) in enumerate(zip(models, specs)):
+        if spec is None:
+            raise ValueError(
+                f"ensemble_model cannot tell the inputs of models[{index}] "
+                f"({member.name!r}, a {type(member).__name__}): only "
+                "Functional and Sequential models (with an Input) define "
+                "them. Pass `inputs=keras.Input(...)` (the structure the "
+                "members are called on)."
+            )
+        if not _same_specs(specs[0], spec):
+            raise ValueError(
+                f"ensemble_model needs members with the same inputs, but "
+                f"models[{index}] ({member.name!r}) takes "
+                f"{_describe(spec)} while models[0] "
+                f"({models[0].name!r}) takes {_describe(specs[0])}."
+            )
     return keras.tree.map_structure(
         lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name),
-        spec,
+        specs[0],
     )
+
+
+def ensemble_model(
+    models,
+    weights=None,
+    average="probabilities",
+    from_logits=False,
+    return_spread=False,
+    inputs=None,
+    name="ensemble",
+):
+    """Returns one `keras.Model` averaging the outputs of several models.
+
+    Every member is called on the same (shared) inputs and an
+    `OutputAverage` layer combines their outputs `f_1..f_m`, output by
+    output, with weights `w_i` normalized to sum to 1 (equal by default):
+
+    - `average="probabilities"`: `sum_i w_i f_i` for members that end in a
+      softmax (or regression outputs), or `sum_i w_i softmax(f_i)` with
+      `from_logits=True` (the average of Lakshminarayanan et al.).
+    - `average="logits"`: `sum_i w_i f_i` of members without a softmax;
+      the result is still logits.
+
+    With `return_spread=True` the model returns `[mean, spread]`, where
+    `spread = sqrt(sum_i w_i (f_i - mean)^2)` is the members' weighted
+    standard deviation, a measure of their disagreement. The average is
+    computed in float32 whatever the members' dtype policies.
+
+    Members are any `keras.Model` (Functional, Sequential, or subclassed
+    when `inputs` is given) taking the same inputs and returning outputs
+    of the same structure and shapes. The result is a plain functional
+    model in which the members are nested layers (a member is
+    `ensemble.get_layer(member.name)`; names must differ), so it predicts
+    in one call, saves as `.keras` (load it after `import keras_regkit`,
+    which registers `OutputAverage`) and exports as one SavedModel. It is
+    returned uncompiled, sharing the members' weights.
+
+    Args:
+        models: list of `keras.Model`. The members, at least one.
+        weights: list of floats or `None`. One non-negative weight per
+            member, normalized to sum to 1. Defaults to `None` (equal).
+        average: str. `"probabilities"` or `"logits"`. Defaults to
+            `"probabilities"`.
+        from_logits: bool. With `average="probabilities"`, apply a softmax
+            (last axis) to each member first. Defaults to `False`.
+        return_spread: bool. Also return the spread. Defaults to `False`.
+        inputs: `keras.Input` structure or `None`. The ensemble's inputs;
+            needed only for subclassed members. Defaults to `None` (those
+            of `models[0]`).
+        name: str. The ensemble's name. Defaults to `"ensemble"`.
+
+    Returns:
+        An uncompiled `keras.Model`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> members = [
+    ...     keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    ...     for _ in range(3)
+    ... ]
+    >>> ensemble = ensemble_model(members, from_logits=True)
+    >>> x = np.ones((2, 4), "float32")
+    >>> probabilities = [keras.ops.softmax(m(x)) for m in members]
+    >>> expected = keras.ops.mean(keras.ops.stack(probabilities), axis=0)
+    >>> bool(np.allclose(ensemble.predict(x, verbose=0), expected, atol=1e-6))
+    True
+
+    Reference:
+    - [Lakshminarayanan et al., 2017](https://arxiv.org/abs/1612.01474)
+    - [Huang et al., 2017](https://arxiv.org/abs/1704.00109)
+    """
+    models = _check_models(models)
+    weights = check_weights(weights, len(models))
+    average, from_logits = check_average(average, from_logits)
+    return_spread = check_bool("return_spread", return_spread)
+    if not isinstance(name, str) or not name:
+        raise argument_error("name", "a non-empty str", name)
+    inputs = _shared_inputs(models, inputs)
+    outputs = [member(inputs) for member in models]
+    for index, (member, output) in enumerate(zip(models, outputs)):
+        if not _same_specs(outputs[0], output, dtype=False):
+            raise ValueError(
+                f"ensemble_model needs members with the same outputs, but "
+                f"models[{index}] ({member.name!r}) returns "
+                f"{_describe(output, False)} while models[0] "
+                f"({models[0].name!r}) returns {_describe(outputs[0], False)}."
+            )
+    flat = [keras.tree.flatten(output) for output in outputs]
+    averaged = []
+    for position, group in enumerate(zip(*flat)):
+        merge = OutputAverage(
+            average=average,
+            from_logits=from_logits,
+            weights=None if weights is None else list(weights),
+            return_spread=return_spread,
+            name="average" if len(flat[0]) == 1 else f"average_{position}",
+        )
+        averaged.append(merge(list(group)))
+    if return_spread:
+        mean = [pair[0] for pair in averaged]
+        spread = [pair[1] for pair in averaged]
+        result = [
+            keras.tree.pack_sequence_as(outputs[0], mean),
+            keras.tree.pack_sequence_as(outputs[0], spread),
+        ]
+    else:
+        result = keras.tree.pack_sequence_as(outputs[0], averaged)
+    return keras.Model(inputs, result, name=name)
 
 
 def _rebuild(architecture, path, custom_objects):
@@ -157,8 +343,8 @@ def snapshot_ensemble_model(
     Each of the last `last` snapshots that
     `keras_regkit.callbacks.SnapshotEnsemble` listed in `directory` is
     rebuilt from `model.json`, given its weights with `load_weights`, named
-    `snapshot_K` (`K` its cycle) and called on shared inputs; a Keras
-    `Average` layer combines the outputs `f_1..f_m`:
+    `snapshot_K` (`K` its cycle), and the members are averaged by
+    `ensemble_model` (equal weights), outputs `f_1..f_m`:
 
     - `average="probabilities"` (the paper): `mean_i f_i` for members that
       end in a softmax (or a regression's plain mean), or
@@ -167,9 +353,9 @@ def snapshot_ensemble_model(
       logits, so a loss with `from_logits=True` fits it unchanged.
 
     The result is a plain functional model: it predicts in one call, saves
-    as `.keras` (loading it needs `import keras_regkit` only if the members
-    use keras_regkit layers) and exports as one SavedModel. It is returned
-    uncompiled; a member is `ensemble.get_layer("snapshot_K")`.
+    as `.keras` (load it after `import keras_regkit`) and exports as one
+    SavedModel. It is returned uncompiled; a member is
+    `ensemble.get_layer("snapshot_K")`.
 
     Args:
         directory: str or `os.PathLike`. A `SnapshotEnsemble` directory.
@@ -206,9 +392,7 @@ def snapshot_ensemble_model(
     - [Huang et al., 2017](https://arxiv.org/abs/1704.00109)
     """
     directory = check_path("directory", directory)
-    check_choice("average", average, _AVERAGES)
-    if not isinstance(from_logits, bool):
-        raise argument_error("from_logits", "a bool", from_logits)
+    average, from_logits = check_average(average, from_logits)
     if not isinstance(name, str) or not name:
         raise argument_error("name", "a non-empty str", name)
     if custom_objects is not None and not isinstance(custom_objects, dict):
@@ -253,22 +437,6 @@ def snapshot_ensemble_model(
         member.name = f"snapshot_{entry['cycle']}"
         member.load_weights(inside(directory, entry["file"]))
         members.append(member)
-    inputs = _member_inputs(members[0])
-    outputs = []
-    for member in members:
-        output = member(inputs)
-        if average == "probabilities" and from_logits:
-            # In float32 whatever the global policy: a float16 softmax and
-            # average would round the members' float32 outputs.
-            output = keras.tree.map_structure(
-                lambda t: keras.layers.Softmax(axis=-1, dtype="float32")(t),
-                output,
-            )
-        outputs.append(output)
-    flat = [keras.tree.flatten(output) for output in outputs]
-    averaged = [
-        keras.layers.Average(dtype="float32")(list(group))
-        for group in zip(*flat)
-    ]
-    outputs = keras.tree.pack_sequence_as(outputs[0], averaged)
-    return keras.Model(inputs, outputs, name=name)
+    return ensemble_model(
+        members, average=average, from_logits=from_logits, name=name
+    )

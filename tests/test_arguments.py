@@ -17,6 +17,7 @@ import pytest
 from keras_regkit import callbacks
 from keras_regkit import ensembles
 from keras_regkit import layers
+from keras_regkit import models
 from keras_regkit import optimizers
 from keras_regkit import schedules
 
@@ -82,6 +83,8 @@ ENTRY_POINTS = {
     optimizers.AveragedOptimizer: {
         "inner_optimizer": keras.optimizers.SGD(0.1)
     },
+    models.TestTimeAugmentation: {"model": _model(), "views": "flip"},
+    ensembles.ensemble_model: {"models": [_model()]},
 }
 
 # Arguments that take any object by design (data pipelines, models, Keras's
@@ -146,7 +149,7 @@ def test_bad_value_raises_at_construction_naming_the_argument(
 def test_the_battery_covers_every_public_entry_point():
     public = {
         getattr(module, name)
-        for module in (layers, schedules, callbacks, optimizers)
+        for module in (layers, schedules, callbacks, optimizers, models)
         for name in module.__all__
     }
     # Functions that need a trained model and data run in their own tests
@@ -157,6 +160,7 @@ def test_the_battery_covers_every_public_entry_point():
         callbacks.snapshot_ensemble_model,
         layers.FractionalPoolingAverage,
     }
+    public.add(ensembles.ensemble_model)
     missing = public - set(ENTRY_POINTS) - covered_elsewhere
     assert not missing, missing
     assert (

@@ -1,3 +1,7 @@
 """Models that average a trained network's outputs at test time."""
 
-__all__ = []
+from keras_regkit.models.test_time_augmentation import TestTimeAugmentation
+
+__all__ = [
+    "TestTimeAugmentation",
+]

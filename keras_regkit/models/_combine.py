@@ -167,8 +167,12 @@ class OutputAverage(keras.layers.Layer):
         )
 
     def compute_output_spec(self, inputs):
-        spec = keras.KerasTensor(inputs[0].shape, dtype=inputs[0].dtype)
-        return [spec, spec] if self.return_spread else spec
+        def spec():
+            return keras.KerasTensor(inputs[0].shape, dtype=inputs[0].dtype)
+
+        # Two distinct tensors: a functional model tells its outputs apart
+        # by identity.
+        return [spec(), spec()] if self.return_spread else spec()
 
     def get_config(self):
         config = super().get_config()
