@@ -84,6 +84,11 @@ ENTRY_POINTS = {
         "inner_optimizer": keras.optimizers.SGD(0.1)
     },
     models.TestTimeAugmentation: {"model": _model(), "views": "flip"},
+    models.MonteCarloAverage: {
+        "model": keras.Sequential(
+            [keras.Input((2,)), keras.layers.Dropout(0.5)], name="noisy"
+        )
+    },
     ensembles.ensemble_model: {"models": [_model()]},
 }
 

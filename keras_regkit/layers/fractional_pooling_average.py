@@ -5,59 +5,14 @@ from keras import ops
 
 from keras_regkit._batch_norm import walk_layers
 from keras_regkit._validation import argument_error
-from keras_regkit._validation import check_int
 from keras_regkit.layers.fractional_max_pooling import FractionalMaxPooling2D
+from keras_regkit.models.monte_carlo_average import MonteCarloAverage
 
 __all__ = ["FractionalPoolingAverage"]
 
 
-class _Unsaved:
-    """Holds the averaging copy of the model out of Keras's tracking: its
-    weights are the wrapped model's, which are saved with it."""
-
-    def __init__(self, model):
-        self.model = model
-
-
-def _averaging_copy(model, num_passes):
-    """`model` with its `FractionalMaxPooling2D` layers replaced by copies
-    whose `num_passes` is set; every other layer is shared."""
-
-    def copy(layer):
-        if isinstance(layer, FractionalMaxPooling2D):
-            pooling = layer.__class__.from_config(layer.get_config())
-            pooling.num_passes = num_passes
-            return pooling
-        return layer
-
-    try:
-        averaging = keras.models.clone_model(
-            model, clone_function=copy, recursive=True
-        )
-    except ValueError:
-        raise argument_error(
-            "model",
-            "a Functional or Sequential keras.Model (nested ones included), "
-            "whose FractionalMaxPooling2D layers the wrapper can replace",
-            model,
-        ) from None
-    hidden = [
-        layer.name
-        for layer in walk_layers(averaging)
-        if isinstance(layer, FractionalMaxPooling2D) and layer.num_passes == 1
-    ]
-    if hidden and num_passes > 1:
-        raise argument_error(
-            "model",
-            "FractionalMaxPooling2D layers in the graph of a Functional or "
-            f"Sequential model, not inside a custom layer (found: {hidden})",
-            model,
-        )
-    return averaging
-
-
 @keras.saving.register_keras_serializable(package="keras_regkit")
-class FractionalPoolingAverage(keras.Model):
+class FractionalPoolingAverage(MonteCarloAverage):
     """Test-time averaging over several fractional poolings, in one graph.
 
     The paper's test-time "model averaging": run the network with several
@@ -74,15 +29,27 @@ class FractionalPoolingAverage(keras.Model):
     Pass 0 is the layer's deterministic pass: `num_passes=1` equals
     `model.predict`. In training (`fit`) the wrapper calls `model` once.
 
-    Outputs are averaged as the model returns them: end it with a softmax
-    to average probabilities, as the paper does. A prediction costs
-    `num_passes` predictions.
+    This is the case of `keras_regkit.models.MonteCarloAverage` whose
+    passes are this lattice instead of random draws, and whose only
+    sampled layers are the poolings (dropout and other layers stay in
+    inference mode); it shares that wrapper's averaging, spread, saving and
+    export. Outputs are averaged as the model returns them (end it with a
+    softmax to average probabilities, as the paper does), or their
+    softmaxes with `from_logits=True`. A prediction costs `num_passes`
+    predictions.
 
     Args:
         model: A Functional or Sequential `keras.Model` (nested ones
             included); its batch axis must be the first axis of every input
             and output.
         num_passes: int >= 1. Number of poolings averaged. Defaults to 12.
+        average: str. `"probabilities"` or `"logits"`, as for ensembles.
+            Defaults to `"probabilities"`.
+        from_logits: bool. Softmax each pass's output before averaging.
+            Defaults to `False`.
+        return_spread: bool. Return `(mean, spread)` in inference, the
+            spread `sqrt((1/N) sum_g (f_g - mean)^2)` across the poolings.
+            Defaults to `False`.
         **kwargs: Base model keyword arguments (`name`, ...).
 
     Call arguments:
@@ -113,26 +80,69 @@ class FractionalPoolingAverage(keras.Model):
     - [Graham, 2014](https://arxiv.org/abs/1412.6071), section 4.
     """
 
-    def __init__(self, model, num_passes=12, **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(model, keras.Model):
-            raise argument_error("model", "a keras.Model", model)
-        self.num_passes = check_int("num_passes", num_passes, minimum=1)
-        self.model = model
-        self._averaging = _Unsaved(_averaging_copy(model, self.num_passes))
-        inputs = getattr(model, "inputs", None) if model.built else None
-        if inputs and len(inputs) == 1:
-            # A symbolic call builds the wrapper and records its input
-            # signature, so `export` works before any call on data.
-            self(keras.KerasTensor(inputs[0].shape, inputs[0].dtype))
+    def __init__(
+        self,
+        model,
+        num_passes=12,
+        average="probabilities",
+        from_logits=False,
+        return_spread=False,
+        **kwargs,
+    ):
+        super().__init__(
+            model,
+            num_passes,
+            seed=0,
+            average=average,
+            from_logits=from_logits,
+            return_spread=return_spread,
+            **kwargs,
+        )
 
-    def build(self, input_shape):
-        if not self.model.built:
-            self.model.build(input_shape)
+    # The lattice draws no random numbers: XLA serves what an export does.
+    jit_compile = keras.Model.jit_compile
 
-    def call(self, inputs, training=None):
-        if training:
-            return self.model(inputs, training=True)
+    def _inference_copy(self, model):
+        """`model` with its `FractionalMaxPooling2D` layers replaced by
+        copies whose `num_passes` is set; every other layer is shared."""
+        passes = self.num_passes
+
+        def copy(layer):
+            if isinstance(layer, FractionalMaxPooling2D):
+                pooling = layer.__class__.from_config(layer.get_config())
+                pooling.num_passes = passes
+                return pooling
+            return layer
+
+        averaging = self._clone(model, copy, "FractionalMaxPooling2D layers")
+        if not any(
+            isinstance(layer, FractionalMaxPooling2D)
+            for layer in walk_layers(model)
+        ):
+            raise argument_error(
+                "model",
+                "a model with a FractionalMaxPooling2D layer; it has none, "
+                "so every pass would be the same",
+                model,
+            )
+        hidden = [
+            layer.name
+            for layer in walk_layers(averaging)
+            if isinstance(layer, FractionalMaxPooling2D)
+            and layer.num_passes == 1
+        ]
+        if hidden and passes > 1:
+            raise argument_error(
+                "model",
+                "FractionalMaxPooling2D layers in the graph of a Functional "
+                "or Sequential model, not inside a custom layer (found: "
+                f"{hidden})",
+                model,
+            )
+        return averaging, []
+
+    def _passes(self, inputs):
+        """One call on the batch tiled `num_passes` times, split back."""
         passes = self.num_passes
 
         def tile(x):
@@ -142,34 +152,16 @@ class FractionalPoolingAverage(keras.Model):
         outputs = self._averaging.model(
             keras.tree.map_structure(tile, inputs), training=False
         )
-
-        def average(y):
-            dtype = y.dtype
-            grouped = ops.reshape(y, (passes, -1) + tuple(ops.shape(y)[1:]))
-            if keras.backend.standardize_dtype(dtype) in (
-                "float16",
-                "bfloat16",
-            ):
-                grouped = ops.cast(grouped, "float32")
-            return ops.cast(ops.mean(grouped, axis=0), dtype)
-
-        return keras.tree.map_structure(average, outputs)
-
-    def compute_output_spec(self, inputs, training=None):
-        return self.model.compute_output_spec(inputs)
+        blocks = [
+            ops.reshape(y, (passes, -1) + tuple(ops.shape(y)[1:]))
+            for y in keras.tree.flatten(outputs)
+        ]
+        return [
+            keras.tree.pack_sequence_as(outputs, [y[g] for y in blocks])
+            for g in range(passes)
+        ]
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "model": keras.saving.serialize_keras_object(self.model),
-                "num_passes": self.num_passes,
-            }
-        )
+        del config["seed"], config["stochastic_layers"]
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["model"] = keras.saving.deserialize_keras_object(config["model"])
-        return cls(**config)
