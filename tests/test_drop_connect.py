@@ -325,3 +325,58 @@ def test_sample_mask_over_the_limit_is_refused(monkeypatch):
         layer.build((32, 6))
     with pytest.raises(ValueError, match=r"argument `groups`.*groups=2"):
         DropConnectConv2D(4, 3, groups=2, mask="sample")
+
+
+def _lowbias32(x):
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.5, 0.9])
+def test_keep_mask_is_the_documented_hash_of_the_counter(monkeypatch, rate):
+    # A fixed key in place of the random draw: the mask must be the NumPy
+    # lowbias32 of (counter * 0x9E3779B9) XOR key, kept when >= rate * 2**32.
+    key = np.int32(-123456789)
+    monkeypatch.setattr(
+        keras.random,
+        "randint",
+        lambda *args, **kwargs: ops.convert_to_tensor(key),
+    )
+    shape, start = (7, 33), 1000
+    mask = _np(
+        drop_connect.keep_mask(
+            shape, rate, keras.random.SeedGenerator(0), start
+        )
+    )
+    counters = np.arange(start, start + 7 * 33, dtype=np.uint64)
+    scrambled = (counters * 0x9E3779B9 % 2**32).astype(np.uint32)
+    bits = _lowbias32(scrambled ^ key.astype(np.uint32))
+    expected = bits.astype(np.uint64) >= round(rate * 2**32)
+    np.testing.assert_array_equal(mask, expected.reshape(shape))
+
+
+def test_keep_masks_are_uniform_and_independent():
+    # Fraction kept, and correlations between neighbouring entries (also a
+    # power-of-two lag) and between consecutive masks, within 5 standard
+    # errors of their values for independent draws.
+    seed = keras.random.SeedGenerator(4)
+    rate, n = 0.3, 256 * 256
+    first = _np(drop_connect.keep_mask((256, 256), rate, seed)).ravel()
+    second = _np(drop_connect.keep_mask((256, 256), rate, seed)).ravel()
+    bound = 5 * np.sqrt(rate * (1 - rate) / n)
+    for mask in (first, second):
+        assert abs(1 - mask.mean() - rate) < bound
+    error = 5 / np.sqrt(n)
+    pairs = [
+        (first, second),
+        (first[:-1], first[1:]),
+        (first[:-256], first[256:]),
+        (second[:-1024], second[1024:]),
+    ]
+    for a, b in pairs:
+        assert abs(np.corrcoef(a, b)[0, 1]) < error

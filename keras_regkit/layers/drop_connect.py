@@ -6,7 +6,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_regkit._distribute import batch_uniform
 from keras_regkit._distribute import replica_position
 from keras_regkit._validation import argument_error
 from keras_regkit._validation import check_bool
@@ -37,6 +36,65 @@ def _check_kernel_size(kernel_size):
         raise argument_error(
             "kernel_size", "an int >= 1 or a tuple of 2 such ints", kernel_size
         ) from None
+
+
+def _int32(value):
+    """The int32 with the bits of the unsigned 32-bit `value`."""
+    return np.int32(value - 2**32 if value >= 2**31 else value)
+
+
+def _logical_right_shift(x, bits):
+    return ops.bitwise_and(
+        ops.right_shift(x, bits), _int32(2 ** (32 - bits) - 1)
+    )
+
+
+def _mix32(x):
+    """Wellons's `lowbias32` integer hash: a bijection of 32-bit words in
+    which every input bit flips every output bit with probability ~1/2."""
+    x = ops.bitwise_xor(x, _logical_right_shift(x, 16))
+    x = ops.multiply(x, _int32(0x7FEB352D))
+    x = ops.bitwise_xor(x, _logical_right_shift(x, 15))
+    x = ops.multiply(x, _int32(0x846CA68B))
+    return ops.bitwise_xor(x, _logical_right_shift(x, 16))
+
+
+def keep_mask(shape, rate, seed, start=0):
+    """Boolean mask, each entry `True` with probability `1 - rate`.
+
+    One `keras.random.randint` draw per call, a 32-bit key `k`; entry `i`
+    (row-major, counted from `start`) is kept when the 32-bit hash
+    `lowbias32((i * 0x9E3779B9) XOR k)` (wrapping 32-bit arithmetic), read
+    as an unsigned integer, is at least `round(rate * 2**32)`.
+
+    Why not `keras.random.uniform`: under XLA on CPU, TensorFlow's
+    random-number kernels cost a hundred times their non-XLA cost (a
+    kernel-sized mask of a million values takes about a second), and JAX's
+    several times the hash, which is a few fused integer operations; see
+    `benchmarks/bench_drop_connect.py`.
+
+    Args:
+        shape: tuple. The mask shape (its first entry may be a tensor).
+        rate: float in [0, 1). Probability of `False`.
+        seed: a `keras.random.SeedGenerator`.
+        start: int or int32 scalar tensor. Counter of the first entry.
+    """
+    key = keras.random.randint(
+        (), -(2**31), 2**31 - 1, dtype="int32", seed=seed
+    )
+    size = shape[0]
+    for dim in shape[1:]:
+        size = size * dim
+    counters = ops.arange(size, dtype="int32") + ops.cast(start, "int32")
+    # The odd multiplier spreads consecutive counters over all 32 bits
+    # before the key is mixed in.
+    counters = ops.multiply(counters, _int32(0x9E3779B9))
+    bits = _mix32(ops.bitwise_xor(counters, key))
+    threshold = min(round(rate * 2**32), 2**32 - 1)
+    # Unsigned comparison on int32 words: flipping the sign bit maps the
+    # unsigned order onto the signed one.
+    keep = ops.bitwise_xor(bits, _int32(2**31)) >= np.int32(threshold - 2**31)
+    return ops.reshape(keep, shape)
 
 
 def _expected_relu(mean, std):
@@ -127,11 +185,14 @@ class _DropConnectMixin:
             )
 
     def _keep_mask(self, shape, dtype, per_example=False):
-        if per_example:
-            draws = batch_uniform(shape, self.seed_generator)
-        else:
-            draws = keras.random.uniform(shape, seed=self.seed_generator)
-        keep = draws >= self.rate
+        start = 0
+        position = replica_position()
+        if per_example and position is not None:
+            # Replica r keeps rows r * B to (r + 1) * B of the global
+            # batch's masks: the same counters one device would hash.
+            per_row = math.prod(shape[1:])
+            start = position[0] * ops.cast(shape[0], "int32") * per_row
+        keep = keep_mask(shape, self.rate, self.seed_generator, start)
         return ops.cast(keep, dtype) / ops.cast(1.0 - self.rate, dtype)
 
     def _bias_term(self, ndim):
@@ -246,8 +307,12 @@ _CLASS_DOC_COMMON = """
         drop_bias: bool. Whether the bias is masked too. The paper absorbs
             the bias into `W` (an input fixed at 1), so it is dropped like any
             weight. Defaults to `True`.
-        seed: int or `None`. Seed of the layer's `SeedGenerator`.
-            Defaults to `None`.
+        seed: int or `None`. Seed of the layer's `SeedGenerator`. Each mask
+            takes one 32-bit key from it and hashes every entry's index
+            with the key (`keep_mask` in this module): under XLA a
+            kernel-sized `keras.random.uniform` costs TensorFlow on CPU
+            about 100 times its non-XLA cost, and JAX several times the
+            hash. Defaults to `None`.
 """
 
 
