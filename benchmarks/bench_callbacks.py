@@ -6,13 +6,12 @@ plus weight averaging at every step) costs at most 1.15x a plain `fit`.
 Two combinations are timed: `OneCycle` (learning rate and SGD momentum)
 with `PolyakAveraging` (EMA every step), and `SnapshotEnsemble` (cosine
 restarts, one snapshot per cycle written to disk) with `PolyakAveraging`
-(SWA, one iterate per cycle). A second plain model gives the run's noise
-floor.
+(SWA, one iterate per cycle). A second plain model is the noise row.
 
 Each candidate is its own model; one timing is a `fit` of 2 epochs with
 fresh callbacks (snapshots written to a temporary directory). Rounds
 alternate the order of the candidates (ABC, CBA, ...) and the table gives
-the ratio of medians.
+the median of the per-round ratios (`_timing.py`).
 
 Run: python benchmarks/bench_callbacks.py [--quick]
 """
@@ -26,8 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras
 import numpy as np
-from _timing import alternating_medians
+from _backend import fit_runner
 from _timing import main
+from _timing import paired_ratios
+from _timing import rows_from
 
 from keras_regkit.callbacks import OneCycle
 from keras_regkit.callbacks import PolyakAveraging
@@ -63,23 +64,7 @@ def run(quick=False):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(SAMPLES, 40)).astype("float32")
     y = rng.integers(0, 10, size=SAMPLES)
-    repeats = 5 if quick else 15
     directory = tempfile.mkdtemp(prefix="bench-callbacks-")
-
-    def fitter(model, make_callbacks):
-        def fit():
-            # A fresh run of EPOCHS epochs with fresh callbacks per timing.
-            model.fit(
-                x,
-                y,
-                batch_size=BATCH,
-                epochs=EPOCHS,
-                verbose=0,
-                shuffle=False,
-                callbacks=make_callbacks(),
-            )
-
-        return fit
 
     def one_cycle_and_ema():
         return [
@@ -98,33 +83,31 @@ def run(quick=False):
             PolyakAveraging(decay=None, every=STEPS, final_weights="training"),
         ]
 
-    candidates = {
-        BASELINE: fitter(_model(), list),
-        "plain fit, second copy (noise floor)": fitter(_model(), list),
-        "OneCycle (lr + momentum) + PolyakAveraging (EMA every step)": (
-            fitter(_model(), one_cycle_and_ema)
-        ),
-        "SnapshotEnsemble + PolyakAveraging (SWA once per cycle)": fitter(
-            _model(), snapshots_and_swa
-        ),
-    }
-    medians = alternating_medians(candidates, repeats=repeats, warmup=2)
-    base = medians[BASELINE]
-    rows = []
-    for name, median in medians.items():
-        if name == BASELINE:
-            continue
-        noise = "noise" in name
-        rows.append(
-            {
-                "technique": f"{name}; MLP 40-256-256-10, batch {BATCH}, "
-                f"{base / STEPS * 1e3:.2f} ms a step",
-                "baseline": BASELINE,
-                "ratio": median / base,
-                "target": "~1.00x" if noise else "<= 1.15x",
-            }
-        )
-    return rows
+    def fitter(model, make_callbacks):
+        # A fresh run of EPOCHS epochs with fresh callbacks per timing.
+        return fit_runner(model, x, y, BATCH, make_callbacks, epochs=EPOCHS)
+
+    one_cycle = "OneCycle (lr + momentum) + PolyakAveraging (EMA every step)"
+    snapshots = "SnapshotEnsemble + PolyakAveraging (SWA once per cycle)"
+    measurement = paired_ratios(
+        {
+            BASELINE: fitter(_model(), list),
+            "noise": fitter(_model(), list),
+            one_cycle: fitter(_model(), one_cycle_and_ema),
+            snapshots: fitter(_model(), snapshots_and_swa),
+        },
+        BASELINE,
+        "noise",
+        quick=quick,
+    )
+    step_ms = measurement.seconds(BASELINE) / (EPOCHS * STEPS) * 1e3
+    return rows_from(
+        measurement,
+        [(name, name, "<= 1.15x", "") for name in (one_cycle, snapshots)],
+        BASELINE,
+        f"MLP 40-256-256-10, batch {BATCH}, {step_ms:.2f} ms a step, "
+        f"{keras.backend.backend()}",
+    )
 
 
 if __name__ == "__main__":

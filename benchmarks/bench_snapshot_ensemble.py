@@ -3,25 +3,36 @@
 Builds snapshot directories of M members (2 and 5) by training a small MLP
 with `SnapshotEnsemble`, exports `snapshot_ensemble_model(directory)` and one
 member (the last snapshot) as SavedModels, and times one `serve` call of
-each on a batch (256 rows; also 1 row for M=5), alternating the two in every
-repeat after a warm-up. The ratio is median(ensemble) / median(member); the
-target is at most M: one call that runs the M members in a single graph
-should cost no more than M separate member calls (it saves M - 1 round
-trips, and TensorFlow may run the members in parallel).
+each on a batch (256 rows; also 1 row for M=5), with the paired rounds of
+`_timing.py`; a second export of the member is the noise row. On JAX, which
+cannot serve SavedModels, the same models are timed as `jax.jit`-compiled
+inference calls instead. The target is at most M: one call that runs the M
+members in a single graph should cost no more than M separate member calls
+(it saves M - 1 round trips, and the backend may run the members in
+parallel).
 
-Run: `TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/bench_snapshot_ensemble.py`
+Run: python benchmarks/bench_snapshot_ensemble.py [--quick]
 """
 
 import os
-import statistics
+import sys
 import tempfile
-import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras
 import numpy as np
+from _backend import layer_runner
+from _backend import tensor
+from _timing import main
+from _timing import paired_ratios
+from _timing import rows_from
 
 from keras_regkit.callbacks import SnapshotEnsemble
 from keras_regkit.ensembles import snapshot_ensemble_model
+
+__all__ = ["run"]
 
 FEATURES = 64
 CLASSES = 10
@@ -53,81 +64,64 @@ def _train_snapshots(directory, members):
     )
 
 
-def _export(model, path):
+def _server(model, path, x):
+    """One blocking inference call of `model` on `x`: a SavedModel's
+    `serve` on TensorFlow, a `jax.jit` call on JAX."""
+    if keras.backend.backend() != "tensorflow":
+        return layer_runner(model, x, False, True)
     import tensorflow as tf
 
     model.export(path, verbose=False)
-    return tf.saved_model.load(path)
+    loaded = tf.saved_model.load(path)  # Kept: `serve` uses its variables.
+    return lambda: loaded.serve(x).numpy()
 
 
-def _time_call(serve, x):
-    start = time.perf_counter()
-    serve(x).numpy()
-    return time.perf_counter() - start
-
-
-def _median_ms(first, second, x, repeats):
-    """Medians (ms) of `first(x)` and `second(x)`, alternated after warm-up."""
-    for _ in range(10):
-        _time_call(first, x)
-        _time_call(second, x)
-    times = ([], [])
-    for i in range(repeats):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for k in order:
-            times[k].append(_time_call((first, second)[k], x))
-    return tuple(1e3 * statistics.median(t) for t in times)
-
-
-def _measure(members, batches, repeats, workdir):
-    import tensorflow as tf
-
+def _measure(members, batches, quick, workdir):
     directory = os.path.join(workdir, f"snapshots_{members}")
     _train_snapshots(directory, members)
     model = snapshot_ensemble_model(directory)
-    ensemble = _export(model, os.path.join(workdir, f"ensemble_{members}"))
-    single = _export(
-        model.get_layer(f"snapshot_{members}"),
-        os.path.join(workdir, f"member_{members}"),
-    )
+    member = model.get_layer(f"snapshot_{members}")
     rows = []
     for batch in batches:
-        x = tf.constant(
-            np.random.default_rng(1).normal(size=(batch, FEATURES)),
-            dtype="float32",
+        x = tensor(
+            np.random.default_rng(1)
+            .normal(size=(batch, FEATURES))
+            .astype("float32")
         )
-        ensemble_ms, single_ms = _median_ms(
-            ensemble.serve, single.serve, x, repeats
-        )
-        rows.append(
+        path = os.path.join(workdir, f"{members}_{batch}")
+        measurement = paired_ratios(
             {
-                "technique": (
-                    f"SnapshotEnsemble SavedModel, M={members}, one serve "
-                    f"call, batch {batch} ({ensemble_ms:.3f} ms)"
-                ),
-                "baseline": f"one member's SavedModel ({single_ms:.3f} ms)",
-                "ratio": ensemble_ms / single_ms,
-                "target": f"<= {members:.2f}x",
-            }
+                "member": _server(member, path + "_member", x),
+                "noise": _server(member, path + "_member_again", x),
+                "ensemble": _server(model, path + "_ensemble", x),
+            },
+            "member",
+            "noise",
+            quick=quick,
+        )
+        rows += rows_from(
+            measurement,
+            [
+                (
+                    "ensemble",
+                    f"SnapshotEnsemble, M={members}, one inference call",
+                    f"<= {members:.2f}x",
+                    "",
+                )
+            ],
+            "one member",
+            f"batch {batch}, {keras.backend.backend()}",
         )
     return rows
 
 
 def run(quick=False):
-    """Returns one row per ensemble size: serving latency ratio vs a member."""
-    repeats = 30 if quick else 200
+    """Returns rows per ensemble size: inference latency ratio vs a member."""
     with tempfile.TemporaryDirectory() as workdir:
-        return _measure(2, (BATCH,), repeats, workdir) + _measure(
-            5, (1, BATCH), repeats, workdir
+        return _measure(2, (BATCH,), quick, workdir) + _measure(
+            5, (1, BATCH), quick, workdir
         )
 
 
 if __name__ == "__main__":
-    rows = run()
-    print("| technique | baseline | ratio | target |")
-    print("|---|---|---:|---|")
-    for row in rows:
-        print(
-            f"| {row['technique']} | {row['baseline']} | "
-            f"{row['ratio']:.2f}x | {row['target']} |"
-        )
+    main(run)

@@ -1,11 +1,14 @@
 """Runs every overhead benchmark in one process and prints one markdown table.
 
 Each `benchmarks/bench_*.py` module exposes `run(quick=False)` returning rows
-(technique, baseline, ratio, target), each ratio timed side by side with its
-baseline in the same run. This script runs them all, one after the other, and
-prints the table with the machine it ran on.
+(technique, baseline, ratio, spread, target, verdict, note), each ratio the
+median over paired rounds of the candidate's time over its baseline's, with a
+noise row (a second copy of the baseline) per measurement; see `_timing.py`.
+This script runs them all, one after the other, on the Keras backend of the
+environment (`KERAS_BACKEND=tensorflow` or `jax`), and prints the table with
+the machine it ran on. A module that fails prints one row saying why.
 
-Run: python benchmarks/run.py [--quick] [--only NAME ...]
+Run: python benchmarks/run.py [--quick] [--budget SECONDS] [--only NAME ...]
 """
 
 import argparse
@@ -14,11 +17,15 @@ import importlib
 import os
 import platform
 import sys
+import time
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from _timing import add_arguments
+from _timing import apply_arguments
 from _timing import markdown_table
 
 
@@ -40,9 +47,7 @@ def machine():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer repeats, for a smoke run"
-    )
+    add_arguments(parser)
     parser.add_argument(
         "--only",
         nargs="*",
@@ -50,6 +55,7 @@ def main(argv=None):
         help="module names, e.g. bench_drop_connect",
     )
     args = parser.parse_args(argv)
+    apply_arguments(args)
     names = sorted(
         os.path.splitext(os.path.basename(path))[0]
         for path in glob.glob(os.path.join(HERE, "bench_*.py"))
@@ -57,10 +63,33 @@ def main(argv=None):
     if args.only:
         names = [name for name in names if name in args.only]
     rows = []
+    started = time.perf_counter()
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        rows.extend(importlib.import_module(name).run(quick=args.quick))
-    print(f"Machine: {machine()}\n")
+        begin = time.perf_counter()
+        try:
+            rows.extend(importlib.import_module(name).run(quick=args.quick))
+        except Exception as error:  # noqa: BLE001 (one failure keeps the table)
+            traceback.print_exc()
+            rows.append(
+                {
+                    "technique": f"{name} FAILED",
+                    "baseline": "",
+                    "ratio": float("nan"),
+                    "spread": "",
+                    "target": "",
+                    "verdict": "error",
+                    "note": f"{type(error).__name__}: "
+                    + str(error).strip().splitlines()[-1][:200],
+                }
+            )
+        print(
+            f"{name}: {time.perf_counter() - begin:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(f"Machine: {machine()}")
+    print(f"Total: {time.perf_counter() - started:.0f} s\n")
     print(markdown_table(rows))
 
 
