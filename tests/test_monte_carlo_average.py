@@ -9,6 +9,7 @@ import pytest
 from conftest import requires_tensorflow
 from keras import ops
 
+from keras_regkit.layers import DropConnectConv2D
 from keras_regkit.layers import DropConnectDense
 from keras_regkit.layers import DropPath
 from keras_regkit.layers import FractionalMaxPooling2D
@@ -29,27 +30,47 @@ def numpy(x):
 def replayed_passes(net, x, seed, passes, sampled):
     """The passes of a Sequential `net`, rebuilt layer by layer: each layer
     of a class in `sampled` is a fresh copy seeded with the documented seed
-    (its weights copied) and called in training mode, every other layer is
-    `net`'s own, called in inference mode."""
-    layers, index, h = [], 0, x
+    (its weights copied, `mask="batch"` for DropConnect) and called in
+    training mode, every other layer is `net`'s own, called in inference
+    mode. A pass draws its noise once for the whole batch: each example is
+    run alone (a batch of one) from the generator states at the start of
+    the pass."""
+    layers, generators, index, h = [], [], 0, x
     for layer in net.layers:
         if isinstance(layer, sampled):
             config = dict(layer.get_config(), seed=documented_seed(seed, index))
+            if isinstance(layer, (DropConnectDense, DropConnectConv2D)):
+                config["mask"] = "batch"
             index += 1
             fresh = layer.__class__.from_config(config)
             fresh.build(h.shape)
             fresh.set_weights(layer.get_weights())
             layers.append((fresh, True))
+            generators.append(fresh.seed_generator)
         else:
             layers.append((layer, False))
         h = layer(h)
     outputs = []
     for _ in range(passes):
-        h = x
-        for layer, training in layers:
-            h = layer(h, training=training)
-        outputs.append(numpy(h))
+        start = [numpy(g.state) for g in generators]
+        rows = []
+        for row in range(len(x)):
+            for generator, state in zip(generators, start):
+                generator.state.assign(state)
+            h = x[row : row + 1]
+            for layer, training in layers:
+                h = layer(h, training=training)
+            rows.append(numpy(h)[0])
+        outputs.append(np.stack(rows))
     return np.stack(outputs)
+
+
+def shared_dropout_mask(rate, seed, shape):
+    """The Dropout mask (0 or 1 / (1 - rate)) a fresh layer draws for one
+    example of `shape`, shared by the batch in a pass."""
+    dropout = keras.layers.Dropout(rate, seed=seed)
+    ones = np.ones((1,) + tuple(shape), "float32")
+    return lambda h: h * numpy(dropout(ones, training=True))
 
 
 def dropout_net(seed=0):
@@ -83,6 +104,15 @@ def test_predict_is_the_mean_of_passes_replayed_from_the_documented_seeds():
     statistics = with_moved_statistics(net, x)
     passes = replayed_passes(net, x, 7, 4, keras.layers.Dropout)
     assert len({p.tobytes() for p in passes}) == 4, "passes not distinct"
+    # The same passes from explicit masks, one per Dropout and pass.
+    first = shared_dropout_mask(0.5, documented_seed(7, 0), (16,))
+    second = shared_dropout_mask(0.3, documented_seed(7, 1), (8,))
+    dense, bn, _, hidden, _, head = net.layers
+    explicit = [
+        numpy(head(second(hidden(first(bn(dense(x), training=False))))))
+        for _ in range(4)
+    ]
+    np.testing.assert_allclose(passes, explicit, atol=1e-5)
     averaged = MonteCarloAverage(
         net, num_passes=4, seed=7, average="logits", return_spread=True
     )
@@ -161,18 +191,31 @@ def test_stochastic_depth_gates_a_branch_whose_batch_norm_infers():
     got = numpy(averaged(x))
     # Generator 0 is the gate's, 1 the Dropout's inside the branch.
     gate_seed = keras.random.SeedGenerator(documented_seed(4, 0))
-    dropout = keras.layers.Dropout(0.4, seed=documented_seed(4, 1))
+    dropout = shared_dropout_mask(0.4, documented_seed(4, 1), (4,))
     head = net.layers[-1]
     outputs, gates = [], []
     for _ in range(8):
         gate = float(keras.random.uniform((), seed=gate_seed) < 0.5)
         h = bn(branch[0](x), training=False)
-        outputs.append(numpy(head(x + gate * dropout(h, training=True))))
+        outputs.append(numpy(head(x + gate * dropout(h))))
         gates.append(gate)
     assert 0 < sum(gates) < 8, f"gates {gates} do not vary"
     np.testing.assert_allclose(got, np.mean(outputs, axis=0), atol=1e-5)
     np.testing.assert_allclose(numpy(bn.moving_mean), 0.3)
     np.testing.assert_allclose(numpy(bn.moving_variance), 2.0)
+
+
+def test_fractional_pooling_draws_random_regions():
+    x = np.random.default_rng(5).normal(size=(2, 9, 7, 2)).astype("float32")
+    net = keras.Sequential(
+        [keras.Input((9, 7, 2)), FractionalMaxPooling2D(1.5, seed=0)]
+    )
+    passes = replayed_passes(net, x, 1, 6, FractionalMaxPooling2D)
+    assert len({p.tobytes() for p in passes}) > 1
+    averaged = MonteCarloAverage(net, num_passes=6, seed=1)
+    np.testing.assert_allclose(
+        numpy(averaged(x)), passes.mean(axis=0), atol=1e-6
+    )
 
 
 def test_every_default_layer_is_sampled_as_in_training():
@@ -194,43 +237,50 @@ def test_every_default_layer_is_sampled_as_in_training():
             keras.layers.AlphaDropout(0.2, seed=1),
             keras.layers.SpatialDropout1D(0.3, seed=1),
             DropPath(0.4, seed=1),
-            DropConnectDense(5, rate=0.3, seed=1),
+            DropConnectDense(5, rate=0.3, mask="sample", seed=1),
         ]
     )
     passes = replayed_passes(net, x, 9, 3, sampled)
+    # A pass whose DropPath gate drops the batch is all zeros.
+    assert len({p.tobytes() for p in passes}) > 1
     averaged = MonteCarloAverage(net, num_passes=3, seed=9)
     np.testing.assert_allclose(
         averaged.predict(x, verbose=0), passes.mean(axis=0), atol=1e-5
     )
 
 
-def test_fractional_pooling_draws_random_regions():
-    x = np.random.default_rng(5).normal(size=(2, 9, 7, 2)).astype("float32")
+def test_drop_connect_conv_is_sampled_as_in_training():
+    x = np.random.default_rng(15).normal(size=(3, 7, 6, 2)).astype("float32")
+    keras.utils.set_random_seed(15)
     net = keras.Sequential(
-        [keras.Input((9, 7, 2)), FractionalMaxPooling2D(1.5, seed=0)]
+        [
+            keras.Input((7, 6, 2)),
+            DropConnectConv2D(3, (3, 2), rate=0.4, mask="sample", seed=1),
+        ]
     )
-    passes = replayed_passes(net, x, 1, 6, FractionalMaxPooling2D)
-    assert len({p.tobytes() for p in passes}) > 1
-    averaged = MonteCarloAverage(net, num_passes=6, seed=1)
+    passes = replayed_passes(net, x, 2, 3, DropConnectConv2D)
+    assert len({p.tobytes() for p in passes}) == 3
+    averaged = MonteCarloAverage(net, num_passes=3, seed=2, average="logits")
     np.testing.assert_allclose(
-        numpy(averaged(x)), passes.mean(axis=0), atol=1e-6
+        averaged.predict(x, verbose=0), passes.mean(axis=0), atol=1e-5
     )
 
 
 def test_drop_connect_averages_approach_the_expected_outputs():
-    # A linear layer's mean pass is `W v + b` exactly; with a ReLU, the
-    # Gaussian inference is the moment-matched `E[relu(u)]`, a close
-    # approximation for 64 inputs. Each example is repeated R times with a
-    # mask per example, so the N passes give N * R samples of it. Bound: 5
-    # standard errors plus, for the ReLU, the approximation's own error.
-    passes, repeats = 20, 20
-    rng = np.random.default_rng(6)
-    x = rng.normal(size=(4, 64)).astype("float32")
-    tiled = np.repeat(x, repeats, axis=0)
+    # Each pass draws one kernel mask for the batch (also with
+    # mask="sample"), so N passes are N independent samples of every
+    # example's output. A linear layer's mean pass is `W v + b` exactly;
+    # with a ReLU, the Gaussian inference is the moment-matched
+    # `E[relu(u)]`, a close approximation for 64 inputs. Bound: 5 standard
+    # errors plus, for the ReLU, the approximation's own error and a floor
+    # for an output whose pre-activation is rarely positive (0 in every
+    # pass, no sample spread, while `E[relu(u)]` is a few thousandths).
+    passes = 64
+    x = np.random.default_rng(6).normal(size=(4, 64)).astype("float32")
     keras.utils.set_random_seed(6)
-    for activation, inference, slack in (
-        (None, "mean", 0.0),
-        ("relu", "gaussian", 0.02),
+    for activation, inference, slack, floor in (
+        (None, "mean", 0.0, 1e-4),
+        ("relu", "gaussian", 0.02, 1e-2),
     ):
         layer = DropConnectDense(
             6,
@@ -244,21 +294,149 @@ def test_drop_connect_averages_approach_the_expected_outputs():
         averaged = MonteCarloAverage(
             net, passes, seed=2, average="logits", return_spread=True
         )
-        means, spreads = (
-            numpy(t).reshape(4, repeats, 6) for t in averaged(tiled)
-        )
-        mean = means.mean(axis=1)
-        # Law of total variance over the R groups of N passes.
-        std = np.sqrt((spreads**2).mean(axis=1) + means.var(axis=1))
+        mean, spread = (numpy(t) for t in averaged(x))
+        std = spread * np.sqrt(passes / (passes - 1))
         expected = numpy(net(x))
         error = np.abs(mean - expected)
-        bound = (
-            5 * std / np.sqrt(passes * repeats)
-            + slack * np.abs(expected)
-            + 1e-4
-        )
+        bound = 5 * std / np.sqrt(passes) + slack * np.abs(expected) + floor
         assert np.all(error <= bound), (activation, error.max(), bound.min())
         assert std.mean() > 0.1
+
+
+def test_dropout_passes_of_a_linear_net_converge_to_the_scaled_net():
+    # `f(x; m) = W2 (m * (W1 x + b1)) / (1 - rate) + b2` is linear in the
+    # mask, so `E_m[f(x; m)]` is the inference-mode net (inverted dropout's
+    # weight scaling). The N passes are independent draws for each example:
+    # the mean's error stays below 5 standard errors `s / sqrt(N)` (`s` the
+    # passes' sample standard deviation; a false failure has probability
+    # under 1e-6 per entry), and shrinks from N = 8 to N = 96.
+    x = np.random.default_rng(14).normal(size=(8, 16)).astype("float32")
+    keras.utils.set_random_seed(14)
+    net = keras.Sequential(
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(32),
+            keras.layers.Dropout(0.5, seed=3),
+            keras.layers.Dense(3),
+        ]
+    )
+    expected = numpy(net(x))
+    errors = []
+    for passes in (8, 96):
+        averaged = MonteCarloAverage(
+            net, passes, seed=5, average="logits", return_spread=True
+        )
+        mean, spread = (numpy(t) for t in averaged(x))
+        std = spread * np.sqrt(passes / (passes - 1))
+        error = np.abs(mean - expected)
+        bound = 5 * std / np.sqrt(passes) + 1e-5
+        assert np.all(error <= bound), (passes, error.max(), bound.min())
+        assert std.min() > 0.05, std.min()
+        errors.append(np.sqrt(np.mean(error**2)))
+    assert errors[1] < errors[0], errors
+
+
+def _sequential(shape, *layers):
+    return keras.Sequential(
+        [
+            keras.Input(shape),
+            *layers,
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+INVARIANCE_NETS = {
+    "dropout": lambda: _sequential(
+        (6,), keras.layers.Dense(8), keras.layers.Dropout(0.5, seed=1)
+    ),
+    "dropout_noise_shape": lambda: _sequential(
+        (5, 4), keras.layers.Dropout(0.5, noise_shape=(None, 1, 4), seed=1)
+    ),
+    "spatial_dropout_1d": lambda: _sequential(
+        (5, 4), keras.layers.SpatialDropout1D(0.5, seed=1)
+    ),
+    "spatial_dropout_2d": lambda: _sequential(
+        (5, 4, 3), keras.layers.SpatialDropout2D(0.5, seed=1)
+    ),
+    "spatial_dropout_2d_channels_first": lambda: _sequential(
+        (3, 5, 4),
+        keras.layers.SpatialDropout2D(
+            0.5, data_format="channels_first", seed=1
+        ),
+    ),
+    "spatial_dropout_3d": lambda: _sequential(
+        (3, 4, 2, 3), keras.layers.SpatialDropout3D(0.5, seed=1)
+    ),
+    "gaussian_dropout": lambda: _sequential(
+        (6,), keras.layers.GaussianDropout(0.4, seed=1)
+    ),
+    "gaussian_noise": lambda: _sequential(
+        (6,), keras.layers.GaussianNoise(0.5, seed=1)
+    ),
+    "alpha_dropout": lambda: _sequential(
+        (5, 4),
+        keras.layers.AlphaDropout(0.3, noise_shape=(None, 5, 1), seed=1),
+    ),
+    "drop_connect_dense": lambda: _sequential(
+        (6,), DropConnectDense(8, rate=0.5, seed=1)
+    ),
+    "drop_connect_dense_per_example": lambda: _sequential(
+        (6,),
+        DropConnectDense(8, rate=0.5, mask="sample", activation="relu", seed=1),
+    ),
+    "drop_connect_conv": lambda: _sequential(
+        (6, 5, 2), DropConnectConv2D(3, 3, rate=0.5, seed=1)
+    ),
+    "drop_path": lambda: _sequential((6,), DropPath(0.3, seed=1)),
+    "stochastic_depth": lambda: _sequential(
+        (6,),
+        StochasticDepth(
+            [keras.layers.Dense(6), keras.layers.Dropout(0.3, seed=2)],
+            survival_probability=0.5,
+            seed=1,
+        ),
+    ),
+    "fractional_max_pooling": lambda: _sequential(
+        (9, 7, 2), FractionalMaxPooling2D(1.5, seed=1)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INVARIANCE_NETS))
+def test_each_example_gets_the_same_passes_in_any_batch(name):
+    keras.utils.set_random_seed(12)
+    net = INVARIANCE_NETS[name]()
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(48,) + net.input_shape[1:]).astype("float32")
+    averaged = MonteCarloAverage(net, 4, seed=4, average="logits")
+    whole = averaged.predict(x, batch_size=64, verbose=0)
+    alone = averaged.predict(x, batch_size=1, verbose=0)
+    order = rng.permutation(len(x))
+    # Batches of 32 and 16, in another order.
+    shuffled = averaged.predict(x[order], verbose=0)[np.argsort(order)]
+    np.testing.assert_allclose(alone, whole, atol=1e-6)
+    np.testing.assert_allclose(shuffled, whole, atol=1e-6)
+    assert np.abs(whole - numpy(net(x))).max() > 1e-3, "passes not sampled"
+
+
+@pytest.mark.slow
+@requires_tensorflow
+def test_export_serves_predict_whatever_the_batch_size():
+    tf = pytest.importorskip("tensorflow")
+    x = np.random.default_rng(13).normal(size=(64, 5)).astype("float32")
+    averaged = MonteCarloAverage(dropout_net(13), 4, seed=3)
+    expected = averaged.predict(x, batch_size=32, verbose=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        averaged.export(os.path.join(tmp, "export"), verbose=False)
+        reloaded = tf.saved_model.load(os.path.join(tmp, "export"))
+        np.testing.assert_allclose(
+            reloaded.serve(x).numpy(), expected, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            reloaded.serve(x[5:12]).numpy(), expected[5:12], atol=1e-6
+        )
 
 
 def test_nested_models_are_sampled_at_every_depth():

@@ -1,5 +1,6 @@
 """Test-time averaging of a model's stochastic passes (Monte Carlo dropout)."""
 
+import math
 import random
 
 import keras
@@ -14,6 +15,7 @@ from keras_regkit._validation import check_int
 from keras_regkit._validation import check_seed
 from keras_regkit.layers.drop_connect import DropConnectConv2D
 from keras_regkit.layers.drop_connect import DropConnectDense
+from keras_regkit.layers.drop_connect import keep_mask
 from keras_regkit.layers.drop_path import DropPath
 from keras_regkit.layers.fractional_max_pooling import FractionalMaxPooling2D
 from keras_regkit.layers.stochastic_depth import StochasticDepth
@@ -75,6 +77,176 @@ class _Sampled(keras.layers.Layer):
 
     def compute_output_spec(self, inputs, training=None, **kwargs):
         return self.layer.compute_output_spec(inputs, **kwargs)
+
+
+def _shared_shape(inputs, noise_shape=None):
+    """`(1,) + inputs.shape[1:]`, or `noise_shape` with its `None` entries
+    read from `inputs` and its batch entry 1."""
+    shape = ops.shape(inputs)
+    if noise_shape is None:
+        return (1,) + tuple(shape[1:])
+    return (1,) + tuple(
+        shape[i] if size is None else size
+        for i, size in enumerate(noise_shape)
+        if i > 0
+    )
+
+
+def _dropout_pass(layer, inputs):
+    # `keras.layers.Dropout.call`, with the mask's batch entry 1.
+    return keras.random.dropout(
+        inputs,
+        layer.rate,
+        noise_shape=_shared_shape(inputs, layer.noise_shape),
+        seed=layer.seed_generator,
+    )
+
+
+def _spatial_dropout_pass(layer, inputs):
+    # One draw per channel: `SpatialDropout*D`'s noise shape, batch entry 1.
+    shape = ops.shape(inputs)
+    ndim = len(inputs.shape)
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        noise_shape = (1, shape[1]) + (1,) * (ndim - 2)
+    else:
+        noise_shape = (1,) * (ndim - 1) + (shape[-1],)
+    return keras.random.dropout(
+        inputs, layer.rate, noise_shape=noise_shape, seed=layer.seed_generator
+    )
+
+
+def _gaussian_dropout_pass(layer, inputs):
+    stddev = math.sqrt(layer.rate / (1.0 - layer.rate))
+    return inputs * keras.random.normal(
+        _shared_shape(inputs),
+        mean=1.0,
+        stddev=stddev,
+        dtype=layer.compute_dtype,
+        seed=layer.seed_generator,
+    )
+
+
+def _gaussian_noise_pass(layer, inputs):
+    return inputs + keras.random.normal(
+        _shared_shape(inputs),
+        mean=0.0,
+        stddev=layer.stddev,
+        dtype=layer.compute_dtype,
+        seed=layer.seed_generator,
+    )
+
+
+def _alpha_dropout_pass(layer, inputs):
+    # `keras.layers.AlphaDropout.call`: dropped units are set to the SELU
+    # saturation `alpha' = -scale * alpha`, then `a x + b` restores the
+    # mean and variance.
+    alpha = 1.6732632423543772848170429916717
+    scale = 1.0507009873554804934193349852946
+    alpha_p = -alpha * scale
+    rate = layer.rate
+    kept = ops.greater_equal(
+        keras.random.uniform(
+            _shared_shape(inputs, layer.noise_shape), seed=layer.seed_generator
+        ),
+        rate,
+    )
+    kept = ops.cast(kept, inputs.dtype)
+    a = ((1 - rate) * (1 + rate * alpha_p**2)) ** -0.5
+    b = -a * alpha_p * rate
+    return a * (inputs * kept + alpha_p * (1 - kept)) + b
+
+
+def _drop_connect_pass(layer, inputs):
+    # The `mask="batch"` training output of `DropConnectDense` and
+    # `DropConnectConv2D` (one kernel mask, then one bias mask, each from
+    # one key of the layer's generator), whatever the layer's `mask`.
+    keep = 1.0 - layer.rate
+    kernel = layer.kernel
+
+    def kept(shape, dtype):
+        mask = keep_mask(shape, layer.rate, layer.seed_generator)
+        return ops.cast(mask, dtype) / ops.cast(keep, dtype)
+
+    kernel = kernel * kept(tuple(kernel.shape), kernel.dtype)
+    if isinstance(layer, DropConnectConv2D):
+        outputs = layer.convolution_op(inputs, kernel)
+    else:
+        outputs = ops.matmul(inputs, kernel)
+    if layer.use_bias:
+        bias = layer.bias
+        if layer.drop_bias:
+            # The hash counts entries in row-major order, so a mask of the
+            # bias's own shape is the layer's broadcastable one.
+            bias = bias * kept(tuple(bias.shape), bias.dtype)
+        if isinstance(layer, DropConnectConv2D) and (
+            layer.data_format == "channels_first"
+        ):
+            bias = ops.reshape(bias, (1, -1, 1, 1))
+        outputs = outputs + bias
+    if layer.activation is not None:
+        outputs = layer.activation(outputs)
+    return outputs
+
+
+def _drop_path_pass(layer, inputs):
+    # One gate for the whole batch, scaled as `DropPath.call` scales.
+    keep = 1.0 - layer.rate
+    gate = (
+        keras.random.uniform(
+            (1,) * len(inputs.shape), seed=layer.seed_generator
+        )
+        < keep
+    )
+    return inputs * ops.cast(gate, inputs.dtype) / ops.cast(keep, inputs.dtype)
+
+
+def _is_off(layer):
+    rate = getattr(layer, "rate", None)
+    stddev = getattr(layer, "stddev", None)
+    return rate == 0 or stddev == 0
+
+
+_BATCH_SHARED_PASSES = {
+    keras.layers.Dropout: _dropout_pass,
+    keras.layers.SpatialDropout1D: _spatial_dropout_pass,
+    keras.layers.SpatialDropout2D: _spatial_dropout_pass,
+    keras.layers.SpatialDropout3D: _spatial_dropout_pass,
+    keras.layers.GaussianDropout: _gaussian_dropout_pass,
+    keras.layers.GaussianNoise: _gaussian_noise_pass,
+    keras.layers.AlphaDropout: _alpha_dropout_pass,
+    DropConnectDense: _drop_connect_pass,
+    DropConnectConv2D: _drop_connect_pass,
+    DropPath: _drop_path_pass,
+}
+"""Layer class -> `pass(layer, inputs)`: one pass of the layer in training
+mode with its noise drawn once for the batch (shape `(1, ...)`, broadcast),
+from `layer.seed_generator`. `StochasticDepth` (one gate per batch) and
+`FractionalMaxPooling2D` (one set of regions per batch) already draw so.
+"""
+
+
+def _batch_shared_pass(layer):
+    """The registered pass of `layer`'s class (or of the nearest registered
+    base class whose `call` it keeps), else `None`."""
+    for cls in type(layer).__mro__:
+        if cls in _BATCH_SHARED_PASSES:
+            if type(layer).call is not cls.call:
+                return None
+            return _BATCH_SHARED_PASSES[cls]
+    return None
+
+
+class _BatchShared(_Sampled):
+    """One pass of `layer` with its noise shared across the batch."""
+
+    def __init__(self, layer, function):
+        super().__init__(layer)
+        self.function = function
+
+    def call(self, inputs, training=None, **kwargs):
+        if _is_off(self.layer):
+            return self.layer(inputs, training=False, **kwargs)
+        return self.function(self.layer, inputs)
 
 
 class _GatedBranch(keras.layers.Layer):
@@ -144,12 +316,30 @@ class MonteCarloAverage(keras.Model):
     inference (Wan et al., 2013) as one `keras.Model`: in inference the
     prediction is `y(x) = (1/N) sum_{i=1..N} f(x; xi_i)`, `N = num_passes`,
     where `xi_i` are the masks, noise, gates or pooling regions that the
-    stochastic layers of `f` draw in pass `i`, as they would in training.
-    Every other layer runs in inference mode: batch normalization uses (and
-    never updates) its moving statistics, and a `StochasticDepth` gate is
-    drawn as in training, `x + b * block(x)` with `b ~
-    Bernoulli(survival_probability)`, while its block stays in inference
-    mode (but for sampled layers inside it). With `from_logits=True` the
+    stochastic layers of `f` draw in pass `i`, with the training-mode math
+    of each layer. Pass `i` draws `xi_i` once and applies it to every
+    example of the batch: one dropout mask of shape `(1, ...)` broadcast
+    over the batch (a `Dropout`'s `noise_shape` with batch entry 1, one
+    mask per channel for `SpatialDropout*D`), one noise tensor for
+    `GaussianNoise`, `GaussianDropout` and `AlphaDropout`, one DropConnect
+    weight mask (as `mask="batch"` draws, whatever the layer's `mask`), one
+    `DropPath` or `StochasticDepth` gate, one set of fractional pooling
+    regions. Each pass is thus one sampled subnetwork `f(.; xi_i)`, and `y`
+    is the ensemble of `N` of them, for each example `k` the Monte Carlo
+    estimate `y(x)[k] = (1/N) sum_i f(x[k]; xi_i) ~ E_xi[f(x[k]; xi)]`
+    with `xi_1, ..., xi_N` independent: `predict(x)[k]` depends on `x[k]`
+    only, not on the batch size, the other examples or `k`'s position, so
+    an exported model serves `predict`'s numbers for any batch size. (In
+    training the layers draw per example; the mean of a pass over examples
+    is the same expectation.) A layer of a class listed in
+    `stochastic_layers` (or a subclass of a default class that overrides
+    `call`) is called as it is in training, `layer(x, training=True)`: its
+    noise depends on the batch (size and position) unless the layer draws
+    it once per batch. Every other layer runs in inference mode: batch
+    normalization uses (and never updates) its moving statistics, and a
+    `StochasticDepth` gate is drawn as in training, `x + b * block(x)` with
+    `b ~ Bernoulli(survival_probability)`, while its block stays in
+    inference mode (but for sampled layers inside it). With `from_logits=True` the
     passes' softmaxes are averaged, `mean_i softmax(f_i)`; with
     `return_spread=True` the wrapper also returns the spread across passes,
     `sqrt((1/N) sum_i (f_i - y)^2)`, a measure of uncertainty. In training
@@ -185,7 +375,8 @@ class MonteCarloAverage(keras.Model):
         return_spread: bool. Return `(mean, spread)` in inference. Defaults
             to `False`.
         stochastic_layers: list of `keras.layers.Layer` classes sampled
-            besides `STOCHASTIC_LAYERS` (called whole in training mode).
+            besides `STOCHASTIC_LAYERS` (called whole in training mode, so
+            their noise is shared across the batch only if they draw it so).
             Their layers must draw from `keras.random.SeedGenerator`s held
             in public attributes. Defaults to `None`.
         **kwargs: Base model keyword arguments (`name`, ...).
@@ -270,7 +461,10 @@ class MonteCarloAverage(keras.Model):
             steps = [self._pass_layer(inner) for inner in layer.block]
             return _GatedBranch(layer, steps)
         if self._is_sampled(layer):
-            return _Sampled(layer)
+            function = _batch_shared_pass(layer)
+            if function is None:
+                return _Sampled(layer)
+            return _BatchShared(layer, function)
         return layer
 
     def _inference_copy(self, model):
