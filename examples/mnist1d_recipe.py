@@ -18,23 +18,33 @@ For 3 seeds this script trains
   `keras_regkit.layers.DebiasedBatchNormalization` and ReLU, then a
   `keras_regkit.layers.DropConnectDense` head (rate 0.5) to 10 logits;
   Adam, batch 100, 30 epochs under `keras_regkit.callbacks.OneCycle`
-  (peak 1e-2, PyTorch's cosine two-phase form, Adam's `beta_1` cycled
-  0.95 -> 0.85 -> 0.95), with `keras_regkit.callbacks.PolyakAveraging` (an
-  EMA of the weights, decay 0.99, batch-norm statistics averaged with
-  them) whose averaged weights are the final model.
+  (peak 1e-2, PyTorch's cosine two-phase form; the learning rate only:
+  Adam's `beta_1` is a constant of its compiled step), with
+  `keras_regkit.callbacks.PolyakAveraging` (an EMA of the weights, decay
+  0.99, batch-norm statistics averaged with them) whose averaged weights
+  are the final model.
 
-It prints one table over the seeds of the test and training accuracy of
-both (training accuracy measured in inference mode after training), the
-mean and sample standard deviation, and the total wall time. It exports
-the recipe model of the last seed to `saved_models/mnist1d_recipe`, reloads
-it with `tf.saved_model.load` and exits non-zero unless serving equals
-`predict`.
+With `--ablation` it instead separates the recipe's three factors on its
+network: plain Keras parts at a constant learning rate (none), the
+toolkit's parts alone, `OneCycle` alone, `PolyakAveraging` alone, and all
+three, and prints their test accuracy per seed and how far each mean is
+from the first row's against the larger of the two seed spreads.
+`--seeds N` runs seeds 0 .. N-1 (3 by default).
+
+By default it prints one table over the seeds of the test and training
+accuracy of both (training accuracy measured in inference mode after
+training), the mean and sample standard deviation, and the total wall
+time. It exports the recipe model of the last seed to
+`saved_models/mnist1d_recipe`, reloads it with `tf.saved_model.load` and
+exits non-zero unless serving equals `predict`.
 
 Run from the repository root (about 1-2 minutes on 2 CPU cores):
 
     TF_CPP_MIN_LOG_LEVEL=2 python examples/mnist1d_recipe.py
+    TF_CPP_MIN_LOG_LEVEL=2 python examples/mnist1d_recipe.py --ablation
 """
 
+import argparse
 import os
 import sys
 import time
@@ -117,32 +127,40 @@ def accuracy(model, x, y):
     return float(np.mean(np.argmax(logits, -1) == y))
 
 
-def run(seed, data):
-    x, y, x_test, y_test = data
-    keras.utils.set_random_seed(seed)
-    baseline = build_baseline()
-    compile_for_logits(baseline, PEAK_LR)
-    baseline.fit(x, y, batch_size=BATCH_SIZE, epochs=BASELINE_EPOCHS, verbose=0)
+def train_recipe_network(
+    seed, data, toolkit=True, schedule=True, averaging=True
+):
+    """Trains the recipe's network with any subset of its three factors.
 
+    Args:
+        toolkit: bool. `DebiasedBatchNormalization` and a
+            `DropConnectDense(rate=0.5)` head; plain `BatchNormalization` and
+            `Dense` otherwise.
+        schedule: bool. `OneCycle` (peak `PEAK_LR`); a constant `PEAK_LR`
+            otherwise.
+        averaging: bool. `PolyakAveraging` (EMA 0.99), whose averaged
+            weights are the final model; the last weights otherwise.
+    """
+    x, y, _, _ = data
     keras.utils.set_random_seed(seed)
-    ablation = build_recipe(seed, toolkit=False)
-    compile_for_logits(ablation, PEAK_LR)
-    ablation.fit(x, y, batch_size=BATCH_SIZE, epochs=RECIPE_EPOCHS, verbose=0)
-
-    keras.utils.set_random_seed(seed)
-    recipe = build_recipe(seed)
+    model = build_recipe(seed, toolkit=toolkit)
     # OneCycle sets the learning rate at every step; this is its start value.
-    compile_for_logits(recipe, PEAK_LR)
-    callbacks = [
-        OneCycle(
-            max_lr=PEAK_LR,
-            pct_start=0.3,
-            anneal_strategy="cos",
-            three_phase=False,
-        ),
-        PolyakAveraging(decay=0.99),
-    ]
-    recipe.fit(
+    compile_for_logits(model, PEAK_LR)
+    callbacks = []
+    if schedule:
+        callbacks.append(
+            OneCycle(
+                max_lr=PEAK_LR,
+                pct_start=0.3,
+                anneal_strategy="cos",
+                three_phase=False,
+                base_momentum=None,
+                max_momentum=None,
+            )
+        )
+    if averaging:
+        callbacks.append(PolyakAveraging(decay=0.99))
+    model.fit(
         x,
         y,
         batch_size=BATCH_SIZE,
@@ -150,6 +168,20 @@ def run(seed, data):
         callbacks=callbacks,
         verbose=0,
     )
+    return model
+
+
+def run(seed, data):
+    x, y, x_test, y_test = data
+    keras.utils.set_random_seed(seed)
+    baseline = build_baseline()
+    compile_for_logits(baseline, PEAK_LR)
+    baseline.fit(x, y, batch_size=BATCH_SIZE, epochs=BASELINE_EPOCHS, verbose=0)
+
+    ablation = train_recipe_network(
+        seed, data, toolkit=False, schedule=False, averaging=False
+    )
+    recipe = train_recipe_network(seed, data)
     row = {
         "baseline CNN, test": accuracy(baseline, x_test, y_test),
         "baseline CNN, train": accuracy(baseline, x, y),
@@ -162,11 +194,95 @@ def run(seed, data):
     return row, recipe
 
 
-def main():
+# (label, toolkit parts, OneCycle schedule, weight averaging)
+ABLATION = (
+    ("plain Keras parts, constant lr (none)", False, False, False),
+    ("toolkit parts alone", True, False, False),
+    ("OneCycle alone", False, True, False),
+    ("PolyakAveraging alone", False, False, True),
+    ("all three (the recipe)", True, True, True),
+)
+
+
+def run_ablation(seed, data):
+    """Test accuracy of the recipe's network with each factor alone."""
+    row, model = {}, None
+    for label, toolkit, schedule, averaging in ABLATION:
+        model = train_recipe_network(
+            seed, data, toolkit=toolkit, schedule=schedule, averaging=averaging
+        )
+        row[label] = accuracy(model, data[2], data[3])
+    return row, model
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="separate the recipe's factors (parts, schedule, averaging)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=len(SEEDS),
+        help=f"number of seeds, 0 .. n-1 (default {len(SEEDS)})",
+    )
+    return parser.parse_args(argv)
+
+
+def main_ablation(seeds, data, start):
+    results = {}
+    for seed in seeds:
+        results[seed], model = run_ablation(seed, data)
+        scores = ", ".join(f"{v:.4f}" for v in results[seed].values())
+        print(
+            f"seed {seed} done ({time.time() - start:.0f} s): {scores}",
+            flush=True,
+        )
+    wall = time.time() - start
+    print(
+        f"\nMNIST-1D (4000 train / 1000 test), test accuracy of the recipe's "
+        f"network, 3 x [Conv1D({RECIPE_WIDTH}, same), batch norm, ReLU], "
+        f"Flatten, 10-way head; Adam, batch {BATCH_SIZE}, {RECIPE_EPOCHS} "
+        "epochs. Toolkit parts: DebiasedBatchNormalization and "
+        "DropConnectDense(10, rate=0.5) instead of BatchNormalization and "
+        f"Dense. OneCycle: peak {PEAK_LR:g}, cosine, 30% warm-up; otherwise "
+        f"a constant {PEAK_LR:g}. PolyakAveraging: EMA 0.99 of the weights "
+        "and batch-norm statistics; otherwise the last weights.\n"
+    )
+    rows = {label: [results[s][label] for s in seeds] for label in results[0]}
+    print_seed_table("MNIST-1D test accuracy", rows, seeds, digits=4)
+    print(
+        f"\nTotal wall time ({len(seeds)} seeds, 5 models each): {wall:.0f} s"
+    )
+    reference = rows[ABLATION[0][0]]
+    print(f"\nEach row against '{ABLATION[0][0]}' (difference of means,")
+    print("and whether it exceeds the larger of the two sample stds):")
+    for label, values in rows.items():
+        if label == ABLATION[0][0]:
+            continue
+        difference = np.mean(values) - np.mean(reference)
+        spread = max(np.std(values, ddof=1), np.std(reference, ddof=1))
+        verdict = "exceeds" if abs(difference) > spread else "within"
+        print(
+            f"- {label}: {difference:+.4f} ({verdict} the spread {spread:.4f})"
+        )
+    print("\nThe recipe model of the last seed (averaged weights):")
+    return export_and_check(model, data[2], "mnist1d_recipe")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    seeds = tuple(range(args.seeds))
     start = time.time()
     data = load_mnist1d(channels=True)
+    if args.ablation:
+        if not main_ablation(seeds, data, start):
+            sys.exit(1)
+        return
     results = {}
-    for seed in SEEDS:
+    for seed in seeds:
         results[seed], recipe = run(seed, data)
         print(f"seed {seed} done ({time.time() - start:.0f} s)", flush=True)
     wall = time.time() - start
@@ -178,9 +294,9 @@ def main():
         f"Adam, batch {BATCH_SIZE}, {RECIPE_EPOCHS} epochs, OneCycle "
         f"(peak {PEAK_LR:g}), PolyakAveraging (EMA 0.99).\n"
     )
-    rows = {label: [results[s][label] for s in SEEDS] for label in results[0]}
-    print_seed_table("MNIST-1D accuracy", rows, SEEDS, digits=4)
-    print(f"\nTotal wall time (3 seeds, all models): {wall:.0f} s")
+    rows = {label: [results[s][label] for s in seeds] for label in results[0]}
+    print_seed_table("MNIST-1D accuracy", rows, seeds, digits=4)
+    print(f"\nTotal wall time ({len(seeds)} seeds, all models): {wall:.0f} s")
     recipe_test = rows["recipe, test"]
     beats = np.mean(recipe_test) > PAPER_CNN_ACCURACY
     print(
