@@ -15,6 +15,7 @@ from keras_regkit._utils import atomic_path
 __all__ = [
     "EXPORT_ROOT",
     "accuracy_and_log_loss",
+    "add_seeds_argument",
     "export_and_check",
     "export_dir",
     "load_digits_images",
@@ -176,3 +177,18 @@ def print_seed_table(corner, rows, seeds, digits=4):
         cells = [f"{v:.{digits}f}" for v in values]
         cells.append(mean_and_spread(values, digits))
         print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def add_seeds_argument(parser, default):
+    """Adds `--seeds N` (run seeds 0 .. N-1) to an example's argument parser.
+
+    Args:
+        parser: An `argparse.ArgumentParser`.
+        default: int. The number of seeds when `--seeds` is not given.
+    """
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=default,
+        help=f"number of seeds, 0 .. n-1 (default {default})",
+    )

@@ -40,6 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 from _common import accuracy_and_log_loss
+from _common import add_seeds_argument
 from _common import export_and_check
 from _common import load_digits_images
 from _common import load_mnist1d
@@ -111,13 +112,13 @@ def run(seed, data):
     return rows, exported
 
 
-def print_table(results, seeds):
+def print_table(results, seeds, corner="MNIST-1D test set (1000)"):
     rows = {
         f"{metric}, {row}": [results[s][row][index] for s in seeds]
         for metric, index in (("accuracy", 0), ("log-loss", 1))
         for row in results[seeds[0]]
     }
-    print_seed_table("MNIST-1D test set (1000)", rows, seeds, digits=4)
+    print_seed_table(corner, rows, seeds, digits=4)
 
 
 # Settings searched for one where DropConnect helps (`--settings`): name ->
@@ -234,11 +235,6 @@ def main_settings(names, seeds, start):
                 f"{name}: seed {seed} done ({time.time() - start:.0f} s)",
                 flush=True,
             )
-        rows = {
-            f"{metric}, {row}": [results[s][row][index] for s in seeds]
-            for metric, index in (("accuracy", 0), ("log-loss", 1))
-            for row in results[seeds[0]]
-        }
         _, trunk, rate, epochs = SETTINGS[name]
         print(
             f"\n{name}: {len(data[2])} test examples; the hidden layer under "
@@ -247,7 +243,7 @@ def main_settings(names, seeds, start):
             f"DropConnectDense(rate={rate:g}); Adam(1e-3), {epochs} epochs, "
             f"batch {BATCH_SIZE}.\n"
         )
-        print_seed_table(name, rows, seeds, digits=4)
+        print_table(results, seeds, corner=name)
         print(flush=True)
     print(f"Total time: {time.time() - start:.0f} s")
     model, x_test = exported
@@ -267,12 +263,7 @@ def parse_args(argv):
         + "; ".join(f"{i}: {n}" for i, n in enumerate(SETTINGS))
         + ")",
     )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=len(SEEDS),
-        help=f"number of seeds, 0 .. n-1 (default {len(SEEDS)})",
-    )
+    add_seeds_argument(parser, len(SEEDS))
     return parser.parse_args(argv)
 
 

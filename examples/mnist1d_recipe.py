@@ -53,6 +53,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
+from _common import add_seeds_argument
 from _common import export_and_check
 from _common import load_mnist1d
 from _common import mean_and_spread
@@ -222,12 +223,7 @@ def parse_args(argv):
         action="store_true",
         help="separate the recipe's factors (parts, schedule, averaging)",
     )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=len(SEEDS),
-        help=f"number of seeds, 0 .. n-1 (default {len(SEEDS)})",
-    )
+    add_seeds_argument(parser, len(SEEDS))
     return parser.parse_args(argv)
 
 
