@@ -11,6 +11,7 @@ import weakref
 import keras
 
 __all__ = [
+    "IterationCounter",
     "claim",
     "compiled",
     "inner_optimizer",
@@ -47,6 +48,58 @@ def read_iterations(optimizer):
         return int(iterations)
     except TypeError:
         return int(keras.ops.convert_to_numpy(iterations))
+
+
+class IterationCounter:
+    """`optimizer.iterations` for per-batch callbacks, read once per epoch.
+
+    Reading the counter waits for the step that is running (on JAX it also
+    stops the asynchronous dispatch of steps), which costs more than a small
+    step itself. Where each batch hook is exactly one optimizer iteration
+    (`steps_per_execution=1`, no `LossScaleOptimizer`, which may skip a
+    step, no gradient accumulation) the counter is read at the first batch
+    of each epoch, after every `on_train_begin` (a `BackupAndRestore` may
+    restore it there), and counted in Python after; otherwise it is read at
+    every batch.
+
+    Call `reset()` at each epoch begin, `now(model)` for the count of
+    iterations taken, and `advance()` once per optimizer step (before the
+    step in `on_train_batch_begin` or after it in `on_train_batch_end`).
+    """
+
+    def __init__(self):
+        self._known = None
+        self._countable = False
+
+    def reset(self, model):
+        self._known = None
+        optimizer = model.optimizer
+        inner = inner_optimizer(optimizer)
+        self._countable = (
+            int(getattr(model, "steps_per_execution", 1) or 1) == 1
+            and inner is optimizer
+            and not getattr(inner, "gradient_accumulation_steps", None)
+        )
+
+    @property
+    def counting(self):
+        """Whether the count is kept in Python between reads."""
+        return self._countable
+
+    def now(self, model):
+        """The iterations taken so far, as a Python int."""
+        if self._known is None:
+            sync_model_state(model)
+            iteration = read_iterations(model.optimizer)
+            if not self._countable:
+                return iteration
+            self._known = iteration
+        return self._known
+
+    def advance(self):
+        """Counts one optimizer step."""
+        if self._known is not None:
+            self._known += 1
 
 
 def inner_optimizer(optimizer):

@@ -233,26 +233,52 @@ def assert_each_step_used_its_rate(recorder, rates, group):
 
 
 class BatchRecorder(keras.callbacks.Callback):
-    """Records, after each batch hook, the logs, the counter and the weight."""
+    """Records, after each step, the rate, the counter and the weights.
 
-    def __init__(self, keys=("learning_rate",)):
+    The policy callbacks log nothing per batch (a batch-end hook would cost
+    `fit` its asynchronous dispatch), so the rate of each step is read from
+    the optimizer, and `policy.current_logs()` gives the rest (`momentum`).
+    The weights are recorded as the next step (or the epoch end) finds them,
+    after any correction the policy completes there (Nesterov momentum).
+    """
+
+    def __init__(self, keys=("learning_rate",), policy=None):
         super().__init__()
         self.keys = keys
+        self.policy = policy
         self.logs = {key: [] for key in keys}
         self.iterations = []
         self.weights = []
+        self._stepped = False
 
     def on_train_batch_end(self, batch, logs=None):
-        for key in self.keys:
-            self.logs[key].append(logs.get(key))
         optimizer = self.model.optimizer
         # The optimizer that applies the updates (Keras 3.8's
         # LossScaleOptimizer keeps an `iterations` of its own at 0).
         optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        current = self.policy.current_logs() if self.policy else {}
+        for key in self.keys:
+            value = current.get(key)
+            if key == "learning_rate" and self.policy is None:
+                value = float(
+                    keras.ops.convert_to_numpy(optimizer.learning_rate)
+                )
+            self.logs[key].append(value)
         self.iterations.append(int(optimizer.iterations))
-        self.weights.append(
-            [np.array(w, copy=True) for w in self.model.get_weights()]
-        )
+        self._stepped = True
+
+    def _record_weights(self):
+        if self._stepped:
+            self._stepped = False
+            self.weights.append(
+                [np.array(w, copy=True) for w in self.model.get_weights()]
+            )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._record_weights()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._record_weights()
 
     def probe_weights(self):
         """The probe's single weight after each batch hook, as a vector."""

@@ -78,8 +78,10 @@ def test_momentum_cycles_inversely_and_is_applied(nesterov):
     model = probe_model(
         keras.optimizers.SGD(0.5, momentum=0.9, nesterov=nesterov)
     )
-    recorder = BatchRecorder(keys=("learning_rate", "momentum"))
     callback = CyclicLR(0.01, 0.1, 4, base_momentum=0.8, max_momentum=0.95)
+    recorder = BatchRecorder(
+        keys=("learning_rate", "momentum"), policy=callback
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         fit_probe(model, 6, 3, [callback, recorder])
@@ -104,8 +106,10 @@ def test_momentum_stays_exact_when_the_loss_scale_skips_a_step():
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         x = np.ones((12, 1), "float32")
         x[5] = 1e4
-        recorder = BatchRecorder(keys=("learning_rate", "momentum"))
         callback = CyclicLR(0.01, 0.1, 4, base_momentum=0.8, max_momentum=0.95)
+        recorder = BatchRecorder(
+            keys=("learning_rate", "momentum"), policy=callback
+        )
         model.fit(
             x,
             np.zeros_like(x),
@@ -140,7 +144,9 @@ def test_constant_momentum_optimizers_cycle_the_rate_and_warn_once(
 ):
     model = probe_model(optimizer(0.01))
     callback = CyclicLR(0.001, 0.01, 3, base_momentum=0.85, max_momentum=0.95)
-    recorder = BatchRecorder(keys=("learning_rate", "momentum"))
+    recorder = BatchRecorder(
+        keys=("learning_rate", "momentum"), policy=callback
+    )
     name = optimizer.__name__
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -191,17 +197,18 @@ def _resumable_run(tmp_path, interrupt):
 
     def callbacks():
         # Counts that do not line up with epochs (12 batches per epoch).
+        policy = CyclicLR(
+            0.001,
+            0.05,
+            5,
+            mode="triangular2",
+            base_momentum=0.8,
+            max_momentum=0.9,
+        )
         return [
-            CyclicLR(
-                0.001,
-                0.05,
-                5,
-                mode="triangular2",
-                base_momentum=0.8,
-                max_momentum=0.9,
-            ),
+            policy,
             keras.callbacks.BackupAndRestore(backup),
-            BatchRecorder(keys=("learning_rate", "momentum")),
+            BatchRecorder(keys=("learning_rate", "momentum"), policy=policy),
         ]
 
     x, y = _regression_data()
@@ -258,8 +265,10 @@ def test_steps_per_execution_sets_the_rate_once_per_execution():
     model = probe_model(
         keras.optimizers.SGD(0.5, momentum=0.5), steps_per_execution=4
     )
-    recorder = BatchRecorder(keys=("learning_rate", "momentum"))
     callback = CyclicLR(0.01, 0.2, 3, base_momentum=0.0, max_momentum=0.0)
+    recorder = BatchRecorder(
+        keys=("learning_rate", "momentum"), policy=callback
+    )
     with pytest.warns(
         UserWarning,
         match=r"CyclicLR: the model was compiled with steps_per_execution=4, "

@@ -102,9 +102,11 @@ def test_cyclic_lr_callback_applies_torch_rates_and_momenta(case):
     kwargs = CYCLIC_CASES[case]
     rates, momenta = _torch_cyclic(kwargs, 30)
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
-    recorder = BatchRecorder(keys=("learning_rate", "momentum"))
     callback = CyclicLR(
         0.01, 0.2, 4, base_momentum=0.8, max_momentum=0.95, **kwargs
+    )
+    recorder = BatchRecorder(
+        keys=("learning_rate", "momentum"), policy=callback
     )
     fit_probe(model, 6, 5, [callback, recorder])
     assert_momentum_policy_applied(recorder, rates, momenta, rtol=1e-5)
@@ -169,8 +171,10 @@ def test_one_cycle_callback_applies_torch_rates_and_momenta(case):
     kwargs = ONE_CYCLE_CASES[case]
     rates, momenta = _torch_one_cycle(kwargs, 30)
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
-    recorder = BatchRecorder(keys=("learning_rate", "momentum"))
     callback = OneCycle(0.2, **_ours(kwargs))  # total_steps from fit: 30
+    recorder = BatchRecorder(
+        keys=("learning_rate", "momentum"), policy=callback
+    )
     fit_probe(model, 6, 5, [callback, recorder])
     assert_momentum_policy_applied(recorder, rates, momenta, rtol=1e-5)
 

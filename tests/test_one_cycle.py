@@ -38,8 +38,9 @@ def _mlp(optimizer):
 def test_fit_trace_is_the_closed_form(kwargs):
     # total_steps from fit: 4 epochs of 9 batches.
     model = probe_model(keras.optimizers.SGD(0.5, momentum=0.9))
-    recorder = BatchRecorder(keys=("learning_rate", "momentum"))
-    fit_probe(model, 9, 4, [OneCycle(0.2, **kwargs), recorder])
+    policy = OneCycle(0.2, **kwargs)
+    recorder = BatchRecorder(keys=("learning_rate", "momentum"), policy=policy)
+    fit_probe(model, 9, 4, [policy, recorder])
     rates, momenta = one_cycle_reference(np.arange(36), 0.2, 36, **kwargs)
     assert_momentum_policy_applied(recorder, rates, momenta, rtol=1e-4)
 
@@ -68,7 +69,8 @@ def test_learning_rate_only():
 )
 def test_defaults_work_with_keras_optimizers(optimizer, momentum):
     model = _mlp(optimizer())
-    recorder = BatchRecorder(keys=("learning_rate", "momentum"))
+    policy = OneCycle(0.05)
+    recorder = BatchRecorder(keys=("learning_rate", "momentum"), policy=policy)
     x, y = _regression_data(40)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -78,7 +80,7 @@ def test_defaults_work_with_keras_optimizers(optimizer, momentum):
             batch_size=4,
             epochs=2,
             verbose=0,
-            callbacks=[OneCycle(0.05), recorder],
+            callbacks=[policy, recorder],
         )
     rates, momenta = one_cycle_reference(np.arange(20), 0.05, 20)
     np.testing.assert_allclose(
@@ -125,10 +127,11 @@ def _resumable_run(tmp_path, interrupt):
 
     def callbacks():
         # BackupAndRestore first: it restores before OneCycle starts.
+        policy = OneCycle(0.05)
         return [
             keras.callbacks.BackupAndRestore(backup),
-            OneCycle(0.05),
-            BatchRecorder(keys=("learning_rate", "momentum")),
+            policy,
+            BatchRecorder(keys=("learning_rate", "momentum"), policy=policy),
         ]
 
     x, y = _regression_data()  # 10 batches per epoch

@@ -129,3 +129,26 @@ def test_sgd_keeps_its_momentum_slots_public():
 def test_jax_models_expose_jax_state_sync():
     model = _probe()
     assert callable(getattr(model, "jax_state_sync", None))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CyclicLR",
+        "OneCycle",
+        "SnapshotEnsemble",
+        "PolyakAveraging",
+        "StochasticWeightAveraging",
+    ],
+)
+def test_per_step_callbacks_leave_batch_end_to_keras(name):
+    # Keras dispatches the steps of `fit` asynchronously only while no
+    # callback overrides `on_train_batch_end` (a public method of
+    # `keras.callbacks.Callback`); with one, it waits for every step, which
+    # costs a small model more than the step. These callbacks work before
+    # the next step instead.
+    callback_class = getattr(keras_regkit.callbacks, name)
+    assert (
+        callback_class.on_train_batch_end
+        is keras.callbacks.Callback.on_train_batch_end
+    )

@@ -8,6 +8,13 @@ continue across `fit` calls and `BackupAndRestore` resumption) and assigns
 the public `optimizer.learning_rate`. With `keras.optimizers.SGD` and a
 positive momentum it can also cycle the momentum exactly, by rescaling SGD's
 public momentum slots before each step (`_SGDMomentum`).
+
+Nothing happens at batch end. Keras dispatches steps asynchronously only
+while no callback has an `on_train_batch_end`; with one, it converts each
+step's logs to Python numbers and waits for the step, which costs a small
+model more than the step. The counter is read once per epoch and counted
+after (`IterationCounter`), and the rates are copied to the device 64 at a
+time: one copy per step also costs about a small step.
 """
 
 import warnings
@@ -17,6 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_regkit._training import IterationCounter
 from keras_regkit._training import claim
 from keras_regkit._training import compiled
 from keras_regkit._training import inner_optimizer
@@ -95,11 +103,14 @@ class IterationLearningRateCallback(keras.callbacks.Callback):
     `check_optimizer(optimizer)`. To cycle the momentum as well, they set
     `self.cycles_momentum = True` and implement `momentum_at(iteration)`.
 
-    Batch and epoch `logs` get the `learning_rate` (and `momentum`) of the
-    last step taken, as the optimizer holds it, so `History` and
-    `TensorBoard` (which reads `optimizer.learning_rate`) agree, and so does
-    `CSVLogger` listed after this callback (Keras hands the epoch logs to the
-    callbacks in order).
+    Epoch `logs` get the `learning_rate` (and `momentum`) of the last step
+    taken, as the optimizer holds it, so `History` and `TensorBoard` (which
+    reads `optimizer.learning_rate`) agree, and so does `CSVLogger` listed
+    after this callback (Keras hands the epoch logs to the callbacks in
+    order). Batch logs carry none: the rate of the running step is
+    `optimizer.learning_rate`. Work after a step (Nesterov's momentum
+    correction) is done before the next one and at the epoch end
+    (`finish_step`).
 
     Args:
         verbose: int. 0 is silent, 1 prints the learning rate at each epoch
@@ -119,6 +130,16 @@ class IterationLearningRateCallback(keras.callbacks.Callback):
         self._momentum = None
         self._rate_dtype = "float32"
         self._warned = set()
+        self._counter = IterationCounter()
+        self._table = None
+        # The optimizer iteration the current batch runs (or its group's
+        # first, with `steps_per_execution > 1`).
+        self.batch_iteration = None
+
+    def set_model(self, model):
+        super().set_model(model)
+        # `self.model` syncs the JAX training state at each access.
+        self._target = model
 
     def learning_rate_at(self, iteration):
         raise NotImplementedError
@@ -172,6 +193,8 @@ class IterationLearningRateCallback(keras.callbacks.Callback):
         self._last_learning_rate = None
         self._last_momentum = None
         self._momentum = None
+        self._table = None
+        self._counter.reset(self.model)
         group = steps_per_execution(self.model)
         if group > 1:
             note = self.steps_per_execution_note(group)
@@ -214,27 +237,69 @@ class IterationLearningRateCallback(keras.callbacks.Callback):
         )
         return None
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._counter.reset(self.model)
+
     def on_train_batch_begin(self, batch, logs=None):
-        sync_model_state(self.model)
-        optimizer = self.model.optimizer
-        iteration = read_iterations(optimizer)
-        learning_rate = self.learning_rate_at(iteration)
-        inner_optimizer(optimizer).learning_rate = learning_rate
-        # What the optimizer holds (and TensorBoard reads): the variable's
-        # dtype, float32 by default.
-        self._last_learning_rate = float(
-            np.asarray(learning_rate, dtype=self._rate_dtype)
-        )
+        model = self.model
+        self.finish_step()
+        iteration = self.batch_iteration = self._counter.now(model)
+        self._counter.advance()
+        # On JAX the assignment must reach the state of the next step.
+        sync_model_state(model)
+        rate, self._last_learning_rate = self._rate(iteration)
+        inner_optimizer(model.optimizer).learning_rate = rate
         if self._momentum is not None:
             momentum = self.momentum_at(iteration)
             self._momentum.before_step(iteration, momentum)
             self._last_momentum = momentum
 
-    def on_train_batch_end(self, batch, logs=None):
+    def _rate(self, iteration):
+        """`(tensor, float)`: the rate of `iteration` as the optimizer holds it.
+
+        Rates are converted to tensors `_TABLE` iterations at a time: one
+        host-to-device copy per step costs about as much as a small step.
+        """
+        table = self._table
+        if (
+            table is None
+            or not 0 <= iteration - table[0] < len(table[1])
+            # Used once: JAX donates the buffers of the training state, so a
+            # tensor assigned to the rate variable is gone after the step
+            # (an iteration comes again after a loss-scale skip).
+            or table[2][iteration - table[0]] is None
+        ):
+            values = []
+            for ahead in range(iteration, iteration + _TABLE):
+                try:
+                    values.append(self.learning_rate_at(ahead))
+                except ValueError:
+                    # Past the end of a finite policy: raised when reached.
+                    break
+            if not values:
+                values.append(self.learning_rate_at(iteration))
+            padded = values + values[-1:] * (_TABLE - len(values))
+            # The variable's dtype (float32 by default), as TensorBoard
+            # reads it back.
+            array = np.asarray(padded, dtype=self._rate_dtype)
+            table = self._table = (
+                iteration,
+                [float(v) for v in array[: len(values)]],
+                list(_unstacked(array)),
+            )
+        offset = iteration - table[0]
+        tensor, table[2][offset] = table[2][offset], None
+        return tensor, table[1][offset]
+
+    def finish_step(self):
+        """Completes the previous step's Nesterov momentum, if one is due.
+
+        Called before the next step and at the epoch and training ends.
+        """
         if self._momentum is not None:
-            self._momentum.after_step(self.model)
-        if logs is not None:
-            logs.update(self.current_logs())
+            self._momentum.after_step(
+                self._target, checked=not self._counter.counting
+            )
 
     def current_logs(self):
         """`{"learning_rate": ..., "momentum": ...}` of the last step taken."""
@@ -246,6 +311,7 @@ class IterationLearningRateCallback(keras.callbacks.Callback):
         return logs
 
     def on_epoch_end(self, epoch, logs=None):
+        self.finish_step()
         current = self.current_logs()
         if not current:
             return
@@ -256,8 +322,23 @@ class IterationLearningRateCallback(keras.callbacks.Callback):
             print(f"\nEpoch {epoch + 1}: {type(self).__name__} {parts}.")
 
     def on_train_end(self, logs=None):
+        self.finish_step()
         release(self, "learning_rate")
         self._momentum = None
+
+
+# Learning rates converted to tensors at once (see `_rate`).
+_TABLE = 64
+_UNSTACK = {}
+
+
+def _unstacked(array):
+    """`array`'s entries as separate tensors, from one compiled call."""
+    backend = keras.backend.backend()
+    function = _UNSTACK.get(backend)
+    if function is None:
+        function = _UNSTACK[backend] = compiled(ops.unstack)
+    return function(array)
 
 
 def _scaled(slots, _, factor):
@@ -354,12 +435,13 @@ class _SGDMomentum:
             )
             scale(ratio)
 
-    def after_step(self, model):
+    def after_step(self, model, checked=True):
+        """Completes the Nesterov update; `checked`: verify the step ran."""
         if not self.nesterov or self.pending is None:
             return
         iteration, ratio = self.pending
         sync_model_state(model)
-        if read_iterations(model.optimizer) != iteration + 1:
+        if checked and read_iterations(model.optimizer) != iteration + 1:
             return  # the step was skipped
         coefficient = self.beta * ratio - self.beta
         if coefficient:

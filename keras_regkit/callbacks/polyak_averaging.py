@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_regkit._distribute import is_chief
 from keras_regkit._distribute import strategy_scope
+from keras_regkit._training import IterationCounter
 from keras_regkit._training import claim
 from keras_regkit._training import read_iterations
 from keras_regkit._training import release
@@ -50,6 +51,11 @@ class PolyakAveraging(keras.callbacks.Callback):
     decay=d:     avg_(n+1) = avg_n - (1 - d_n) * (avg_n - w_(n+1))
                  d_n = d, or min(d, (1 + n) / (10 + n)) with warmup=True
     ```
+
+    The iterate of step `t` is folded in before step `t + 1` (or at the
+    epoch end) rather than at batch end, so that `fit` keeps dispatching its
+    steps asynchronously; the averages read through this callback's methods
+    are always caught up.
 
     `decay=None` is the running mean of Polyak-Ruppert averaging, and SWA
     with `unit="epoch"` or with `every` set to the cycle of a cyclic
@@ -201,6 +207,8 @@ class PolyakAveraging(keras.callbacks.Callback):
         self._epochs = 0  # Epochs trained with this callback on `_model`.
         self._last_iteration = 0
         self._starting = False
+        self._in_fit = False  # From the first epoch to the end of a `fit`.
+        self._counter = IterationCounter()
         self._saved_states = None
         self._skipped_reported = 0
         self._kept = None  # Training weights kept while the model holds avg.
@@ -236,6 +244,7 @@ class PolyakAveraging(keras.callbacks.Callback):
     @property
     def num_averaged(self):
         """Number of iterates folded into the average so far."""
+        self._catch_up(read=True)
         return 0 if self._count is None else _read_int(self._count)
 
     @property
@@ -251,6 +260,7 @@ class PolyakAveraging(keras.callbacks.Callback):
         """
         if self._count is None:
             return []
+        self._catch_up(read=True)
         return [ops.convert_to_numpy(a) for a in self._average_values()]
 
     @contextlib.contextmanager
@@ -325,6 +335,7 @@ class PolyakAveraging(keras.callbacks.Callback):
         self._check_steps_per_execution(model)
         self._check_batch_norm_data(model)
         claim(self, "averaging")
+        self._in_fit = False
         self._put_back_training_weights(model)
         sources = self._select_sources(model)
         if (
@@ -345,6 +356,7 @@ class PolyakAveraging(keras.callbacks.Callback):
         self._starting = True
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._counter.reset(self._target)
         if not self._starting:
             return
         # Here, rather than in `on_train_begin`, so that a BackupAndRestore
@@ -356,21 +368,40 @@ class PolyakAveraging(keras.callbacks.Callback):
             self._restore_saved_state(iteration)
         self._saved_states = None
         self._last_iteration = iteration
+        self._in_fit = True
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_begin(self, batch, logs=None):
+        # The iterate of the previous step is folded here, before the next
+        # step, rather than at batch end: a batch-end hook would cost `fit`
+        # its asynchronous dispatch of steps (see `IterationCounter`).
         if self.unit != "step":
             return
-        model = self._target
-        sync_model_state(model)
-        iteration = read_iterations(model.optimizer)
+        self._catch_up()
+        self._counter.advance()
+
+    def _catch_up(self, read=False):
+        """Folds the latest iterate in, if it is due and not yet folded.
+
+        `read`: read the optimizer's counter rather than the Python count
+        (for calls from outside the callback hooks).
+        """
+        if not self._in_fit or self.unit != "step":
+            return
+        if read:
+            sync_model_state(self._target)
+            iteration = read_iterations(self._target.optimizer)
+        else:
+            iteration = self._counter.now(self._target)
         last, self._last_iteration = self._last_iteration, iteration
-        # A step the optimizer did not apply (a loss-scale skip, a gradient
-        # accumulation step) leaves `iterations`, and the count, unchanged.
+        # A step the optimizer did not apply (a loss-scale skip) leaves
+        # `iterations`, and the count, unchanged.
         if self._due_count(iteration) > self._due_count(last):
+            sync_model_state(self._target)
             self._fold()
 
     def on_epoch_end(self, epoch, logs=None):
         model = self._target
+        self._catch_up()
         sync_model_state(model)
         self._epochs += 1
         if self.unit == "epoch":
@@ -400,6 +431,8 @@ class PolyakAveraging(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         model = self._target
+        self._catch_up()
+        self._in_fit = False
         sync_model_state(model)
         release(self, "averaging")
         if self.backup_dir is not None and is_chief(model):
@@ -542,6 +575,7 @@ class PolyakAveraging(keras.callbacks.Callback):
         )
 
     def _require_averages(self):
+        self._catch_up(read=True)
         if self._count is None or _read_int(self._count) == 0:
             raise RuntimeError(
                 f"{type(self).__name__} has no averages yet: nothing has been "

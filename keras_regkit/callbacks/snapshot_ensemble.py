@@ -340,6 +340,7 @@ class SnapshotEnsemble(IterationLearningRateCallback):
             )
 
     def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
         self._epoch = epoch
         if self._offset is not None:
             return
@@ -459,43 +460,37 @@ class SnapshotEnsemble(IterationLearningRateCallback):
             atomic_write_text(path, json.dumps(self._manifest(), indent=1))
 
     def on_train_batch_begin(self, batch, logs=None):
+        # The weights after the previous step, before the next one and its
+        # learning rate: a snapshot here, rather than at batch end, keeps
+        # the steps of `fit` dispatched asynchronously (see
+        # `IterationLearningRateCallback`).
+        self.finish_step()
+        self._snapshot_ended_cycles(
+            self._counter.now(self._target) - self._offset
+        )
         super().on_train_batch_begin(batch, logs)
-        self._group_begin = self._iterations() - self._offset
 
-    def on_train_batch_end(self, batch, logs=None):
-        # An upper bound on the steps done (a last, short group runs fewer;
-        # Keras 3.8 passes the group's first batch index, later releases
-        # its last), so the state is read (and synced on JAX) only near a
-        # cycle end.
-        bound = self._group_begin + steps_per_execution(self.model)
-        if (
+    def _snapshot_ended_cycles(self, done):
+        """Snapshots the last cycle ended within `done` iterations, if new."""
+        ended = []
+        while (
             self._next_cycle <= self.cycles
-            and self._boundaries[self._next_cycle - 1] <= bound
+            and self._boundaries[self._next_cycle - 1] <= done
         ):
-            sync_model_state(self.model)
-            done = self._iterations() - self._offset
-            ended = []
-            while (
-                self._next_cycle <= self.cycles
-                and self._boundaries[self._next_cycle - 1] <= done
-            ):
-                ended.append(self._next_cycle)
-                self._next_cycle += 1
-            if len(ended) > 1 and not self._warned_skip:
-                self._warned_skip = True
-                warnings.warn(
-                    f"SnapshotEnsemble: cycles {ended} all ended within one "
-                    "execution of steps_per_execution steps; only the last "
-                    "cycle of such an execution is snapshotted (warned once "
-                    "per run). Use fewer cycles or a smaller "
-                    "steps_per_execution.",
-                    stacklevel=2,
-                )
-            if ended:
-                self._take_snapshot(ended[-1], done)
-        super().on_train_batch_end(batch, logs)
-        if logs is not None:
-            logs["snapshots"] = len(self._entries)
+            ended.append(self._next_cycle)
+            self._next_cycle += 1
+        if len(ended) > 1 and not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                f"SnapshotEnsemble: cycles {ended} all ended within one "
+                "execution of steps_per_execution steps; only the last "
+                "cycle of such an execution is snapshotted (warned once "
+                "per run). Use fewer cycles or a smaller "
+                "steps_per_execution.",
+                stacklevel=2,
+            )
+        if ended:
+            self._take_snapshot(ended[-1], done)
 
     def _take_snapshot(self, cycle, done):
         self._check_lock()
@@ -544,6 +539,10 @@ class SnapshotEnsemble(IterationLearningRateCallback):
             )
 
     def on_epoch_end(self, epoch, logs=None):
+        self.finish_step()
+        self._snapshot_ended_cycles(
+            self._counter.now(self._target) - self._offset
+        )
         entry = self._entries[-1] if self._entries else None
         at_epoch_end = (epoch + 1) * self._steps_per_epoch
         if entry and entry["iteration"] == at_epoch_end and logs:
