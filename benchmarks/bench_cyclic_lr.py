@@ -8,11 +8,11 @@ each time is divided by the constant-rate time of the same round; the
 table gives the median of these ratios (see `_timing.py`).
 
 `CyclicLR` and `OneCycle` assign the public `optimizer.learning_rate` (and
-rescale SGD's momentum slots) before each batch. Any callback with a batch
-hook costs Keras its asynchronous dispatch of steps, so a do-nothing
-callback with an `on_train_batch_begin` is timed too, as the floor of what
-a per-batch callback can cost; the schedule form has no callback at all
-and is the way to the issue's 1.03x. A second copy of the baseline is the noise row.
+rescale SGD's momentum slots) before each batch, and do nothing at batch end:
+a callback with an `on_train_batch_end` costs Keras its asynchronous dispatch
+of steps. A do-nothing callback with an `on_train_batch_begin` is timed too,
+as the floor of what a per-batch callback can cost; the schedule form has no
+callback at all. A second copy of the baseline is the noise row.
 
 Run: `python benchmarks/bench_cyclic_lr.py [--quick]`.
 """

@@ -3,8 +3,9 @@
 Target (issue 11, item 6): on a 3-layer Dense(256) MLP, batch 64, `fit`
 with `PolyakAveraging(decay=0.999)` folding in every step costs at most
 1.10x `fit` without it, timed side by side in one run. The callback folds
-the weights in from `on_train_batch_end`, in one compiled call per batch
-(outside the train step). Keras's own `optimizer(use_ema=True)`, which
+the previous step's weights in from `on_train_batch_begin`, in one compiled
+call per batch (outside the train step; nothing at batch end, which would
+cost Keras its asynchronous dispatch of steps). Keras's own `optimizer(use_ema=True)`, which
 updates inside the step, is timed in the same run for comparison.
 
 On TensorFlow the rows are the default `jit_compile` (off on a CPU-only
