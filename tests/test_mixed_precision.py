@@ -207,11 +207,6 @@ def test_cyclic_schedules_drive_the_wrapped_optimizer():
 def test_callback_trains_and_exports_in_mixed_precision(make, tmp_path):
     model = _classifier(DebiasedBatchNormalization(), "flatten")
     callback = make()
-    if (
-        keras.backend.backend() == "jax"
-        and getattr(callback, "base_momentum", None) is not None
-    ):
-        pytest.skip("momentum cycling needs the TensorFlow backend")
     x, y = _images()
     history = model.fit(
         x, y, batch_size=16, epochs=2, verbose=0, callbacks=[callback]
