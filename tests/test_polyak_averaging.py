@@ -929,3 +929,65 @@ def test_float16_variables_average_in_float32():
     assert all(a.dtype == np.float32 for a in averaging.get_averages())
     _assert_close(averaging.get_averages(), expected, 1e-3)
     assert model.trainable_variables[0].dtype == "float16"
+
+
+class _AverageReader(keras.callbacks.Callback):
+    """Reads the averages through the callback's methods at every batch."""
+
+    def __init__(self, averaging, at="end"):
+        super().__init__()
+        self.averaging = averaging
+        self.at = at
+        self.counts, self.averages = [], []
+
+    def _read(self):
+        self.counts.append(self.averaging.num_averaged)
+        self.averages.append(self.averaging.get_averages())
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.at == "begin":
+            self._read()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.at == "end":
+            self._read()
+
+
+@pytest.mark.parametrize("at", ["end", "begin"])
+def test_averages_read_mid_epoch_are_caught_up(at):
+    # The callback folds step t in before step t + 1; read through its
+    # methods in between (from a batch end, or from a batch begin after its
+    # own), the averages already hold step t, and reading folds nothing
+    # twice.
+    x, y = _data()
+    model = _model()
+    ema = PolyakAveraging(decay=None, final_weights="training")
+    trajectory = _Trajectory()
+    reader = _AverageReader(ema, at)
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=2,
+        verbose=0,
+        shuffle=False,
+        callbacks=[ema, trajectory, reader],
+    )
+    total = 2 * STEPS
+    if at == "end":
+        assert reader.counts == list(range(1, total + 1))
+        seen = range(total)
+    else:  # Before each step: the steps taken so far.
+        assert reader.counts == list(range(total))
+        seen = range(1, total)
+    for n in seen:
+        expected = _reference(
+            trajectory.steps[: n + 1 if at == "end" else n], None
+        )
+        for got, want in zip(reader.averages[n], expected):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert ema.num_averaged == total
+    for got, want in zip(
+        ema.get_averages(), _reference(trajectory.steps, None)
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
