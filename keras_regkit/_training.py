@@ -62,9 +62,9 @@ class IterationCounter:
     restore it there), and counted in Python after; otherwise it is read at
     every batch.
 
-    Call `reset()` at each epoch begin, `now(model)` for the count of
-    iterations taken, and `advance()` once per optimizer step (before the
-    step in `on_train_batch_begin` or after it in `on_train_batch_end`).
+    Call `reset(model)` at each epoch begin, `now(model)` for the count of
+    iterations taken, and `advance()` in `on_train_batch_begin` for the step
+    about to run.
     """
 
     def __init__(self):
