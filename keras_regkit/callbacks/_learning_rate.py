@@ -132,9 +132,6 @@ class IterationLearningRateCallback(keras.callbacks.Callback):
         self._warned = set()
         self._counter = IterationCounter()
         self._table = None
-        # The optimizer iteration the current batch runs (or its group's
-        # first, with `steps_per_execution > 1`).
-        self.batch_iteration = None
 
     def set_model(self, model):
         super().set_model(model)
@@ -241,10 +238,11 @@ class IterationLearningRateCallback(keras.callbacks.Callback):
         self._counter.reset(self.model)
 
     def on_train_batch_begin(self, batch, logs=None):
-        model = self.model
+        model = self._target
         self.finish_step()
-        iteration = self.batch_iteration = self._counter.now(model)
+        iteration = self._counter.now(model)
         self._counter.advance()
+        self.before_step(iteration)
         # On JAX the assignment must reach the state of the next step.
         sync_model_state(model)
         rate, self._last_learning_rate = self._rate(iteration)
@@ -253,6 +251,13 @@ class IterationLearningRateCallback(keras.callbacks.Callback):
             momentum = self.momentum_at(iteration)
             self._momentum.before_step(iteration, momentum)
             self._last_momentum = momentum
+
+    def before_step(self, iteration):
+        """Called before each step's rate is set; `iteration`: steps taken.
+
+        The weights are those the previous step left (Nesterov correction
+        included). Subclasses override it to act on them.
+        """
 
     def _rate(self, iteration):
         """`(tensor, float)`: the rate of `iteration` as the optimizer holds it.

@@ -459,16 +459,12 @@ class SnapshotEnsemble(IterationLearningRateCallback):
         with naming_write_errors(path, _WRITER):
             atomic_write_text(path, json.dumps(self._manifest(), indent=1))
 
-    def on_train_batch_begin(self, batch, logs=None):
+    def before_step(self, iteration):
         # The weights after the previous step, before the next one and its
         # learning rate: a snapshot here, rather than at batch end, keeps
         # the steps of `fit` dispatched asynchronously (see
         # `IterationLearningRateCallback`).
-        self.finish_step()
-        self._snapshot_ended_cycles(
-            self._counter.now(self._target) - self._offset
-        )
-        super().on_train_batch_begin(batch, logs)
+        self._snapshot_ended_cycles(iteration - self._offset)
 
     def _snapshot_ended_cycles(self, done):
         """Snapshots the last cycle ended within `done` iterations, if new."""
