@@ -246,10 +246,11 @@ class IterationLearningRateCallback(keras.callbacks.Callback):
         # On JAX the assignment must reach the state of the next step.
         sync_model_state(model)
         rate, self._last_learning_rate = self._rate(iteration)
-        inner_optimizer(model.optimizer).learning_rate = rate
-        if self._momentum is not None:
+        if self._momentum is None:
+            inner_optimizer(model.optimizer).learning_rate = rate
+        else:
             momentum = self.momentum_at(iteration)
-            self._momentum.before_step(iteration, momentum)
+            self._momentum.before_step(iteration, momentum, rate)
             self._last_momentum = momentum
 
     def before_step(self, iteration):
@@ -363,37 +364,44 @@ _UPDATES = weakref.WeakKeyDictionary()
 _COMPILED = {}
 
 
-def _variable_update(targets, sources, function):
-    """`update(scalar)`: each of `targets` becomes `function(...)`'s value.
+def _variable_update(targets, sources, function, rate_variable=None):
+    """`update(scalar[, rate])`: each of `targets` becomes `function(...)`'s value.
 
     `function(target_values, source_values, scalar)` is a pure `keras.ops`
-    function. On TensorFlow one `tf.function` reads and assigns every
-    variable (one dispatch per call, where eager code would dispatch two
-    operations per variable); elsewhere the function is compiled by
-    `keras_regkit._training.compiled` and its outputs are assigned.
+    function. With `rate_variable` (the optimizer's learning rate), `update`
+    also assigns `rate` to it. On TensorFlow one `tf.function` reads and
+    assigns every variable (one dispatch per call, where eager code would
+    dispatch two operations per variable, and one more for the rate);
+    elsewhere the function is compiled by `keras_regkit._training.compiled`
+    and its outputs are assigned.
     """
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         @tf.function(autograph=False)
-        def assign_all(scalar):
+        def assign_all(scalar, *rate):
             values = function(
                 [t.value for t in targets], [s.value for s in sources], scalar
             )
             for target, value in zip(targets, values):
                 target.assign(value)
+            if rate_variable is not None:
+                rate_variable.assign(rate[0])
 
         # Calling the concrete function skips the argument matching of a
         # `tf.function` call, about half of its cost here.
-        concrete = assign_all.get_concrete_function(
-            tf.TensorSpec((), "float32")
+        specs = [tf.TensorSpec((), "float32")]
+        if rate_variable is not None:
+            specs.append(tf.TensorSpec((), rate_variable.dtype))
+        concrete = assign_all.get_concrete_function(*specs)
+        return lambda scalar, *rate: concrete(
+            tf.constant(scalar, "float32"), *rate
         )
-        return lambda scalar: concrete(tf.constant(scalar, "float32"))
     pure = _COMPILED.get(function)
     if pure is None:
         pure = _COMPILED[function] = compiled(function)
 
-    def assign_all(scalar):
+    def assign_all(scalar, *rate):
         values = pure(
             [t.value for t in targets],
             [s.value for s in sources],
@@ -401,6 +409,8 @@ def _variable_update(targets, sources, function):
         )
         for target, value in zip(targets, values):
             target.assign(value)
+        if rate_variable is not None:
+            rate_variable.assign(rate[0])
 
     return assign_all
 
@@ -433,17 +443,27 @@ class _SGDMomentum:
             updates[kind] = make()
         return updates[kind]
 
-    def before_step(self, iteration, momentum):
-        if self.pending is not None and self.pending[0] == iteration:
-            return  # already scaled for this iteration
-        ratio = momentum / self.beta
-        self.pending = (iteration, ratio)
-        # An unbuilt optimizer creates its slots at zero: nothing to scale.
-        if ratio != 1.0 and self.optimizer.built:
-            scale = self._update(
-                "scale", lambda: _variable_update(self._slots(), [], _scaled)
-            )
-            scale(ratio)
+    def before_step(self, iteration, momentum, rate):
+        """Sets the step's learning rate `rate` and momentum `momentum`."""
+        # Not scaled twice for one iteration (it comes again after a
+        # loss-scale skip).
+        if self.pending is None or self.pending[0] != iteration:
+            ratio = momentum / self.beta
+            self.pending = (iteration, ratio)
+            # An unbuilt optimizer creates its slots at zero: nothing to
+            # scale.
+            if ratio != 1.0 and self.optimizer.built:
+                # The rate is assigned in the same call: on TensorFlow an
+                # eager assignment costs about as much as the call.
+                scale = self._update(
+                    "scale",
+                    lambda: _variable_update(
+                        self._slots(), [], _scaled, self.optimizer.learning_rate
+                    ),
+                )
+                scale(ratio, rate)
+                return
+        self.optimizer.learning_rate = rate
 
     def after_step(self, model, checked=True):
         """Completes the Nesterov update; `checked`: verify the step ran."""
