@@ -160,13 +160,15 @@ def release(callback, role):
         del claims[role]
 
 
-def compiled(function):
+def compiled(function, donate_argnums=()):
     """`function` compiled by the backend (`tf.function`, `jax.jit`).
 
     `function` must be a pure function of tensors written with `keras.ops`
     (no variable assignment): the caller assigns what it returns. Callbacks
     use it for work they do between steps, which would otherwise run as one
-    eager operation per tensor.
+    eager operation per tensor. `donate_argnums`: on JAX, the arguments whose
+    buffers the call may reuse for its outputs; the caller must not read them
+    after the call (it assigns the outputs in their place).
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -176,5 +178,5 @@ def compiled(function):
     if backend == "jax":
         import jax
 
-        return jax.jit(function)
+        return jax.jit(function, donate_argnums=donate_argnums)
     return function
