@@ -5,10 +5,10 @@ with `PolyakAveraging(decay=0.999)` folding in every step costs at most
 1.10x `fit` without it, timed side by side in one run. The callback folds
 the previous step's weights in from `on_train_batch_begin`, in one compiled
 call per batch (outside the train step; nothing at batch end, which would
-cost Keras its asynchronous dispatch of steps). Keras's own `optimizer(use_ema=True)`, which
-updates inside the step, is timed in the same run for comparison, and so
-is this toolkit's in-step form of the same average,
-`optimizers.AveragedOptimizer(Adam, decay=0.999)`.
+cost Keras its asynchronous dispatch of steps). Keras's own
+`optimizer(use_ema=True)`, which updates inside the step, is timed in the
+same run for comparison, and so is this toolkit's in-step form of the same
+average, `optimizers.AveragedOptimizer(Adam, decay=0.999)`.
 
 On TensorFlow the rows are the default `jit_compile` (off on a CPU-only
 machine) and `jit_compile=True`; on JAX, whose trainer always compiles,

@@ -107,10 +107,10 @@ def inner_optimizer(optimizer):
     return getattr(optimizer, "inner_optimizer", None) or optimizer
 
 
-# model -> {role: (params, weak reference to the callback)}. `params` is the dict that one `fit`
-# hands to all of its callbacks (`Callback.set_params`), so it tells the
-# callbacks of the running `fit` from those of an earlier one that raised
-# before its `on_train_end`.
+# model -> {role: (params, weak reference to the callback)}. `params` is the
+# dict that one `fit` hands to all of its callbacks (`Callback.set_params`),
+# so it tells the callbacks of the running `fit` from those of an earlier
+# one that raised before its `on_train_end`.
 _CLAIMS = weakref.WeakKeyDictionary()
 
 _ROLE_WORDS = {

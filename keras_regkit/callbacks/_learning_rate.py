@@ -365,7 +365,7 @@ _COMPILED = {}
 
 
 def _variable_update(targets, sources, function, rate_variable=None):
-    """`update(scalar[, rate])`: each of `targets` becomes `function(...)`'s value.
+    """`update(scalar[, rate])`: sets each of `targets` to `function(...)`.
 
     `function(target_values, source_values, scalar)` is a pure `keras.ops`
     function. With `rate_variable` (the optimizer's learning rate), `update`
